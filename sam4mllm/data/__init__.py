@@ -1,0 +1,20 @@
+"""Datasets: one :class:`Sample` type, loaders for the official layouts, the synthetic benchmark."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.utils import instantiate
+
+from sam4mllm.data.base import Sample, SegDataset
+from sam4mllm.data.errors import CorruptImageError, DatasetNotFoundError
+
+__all__ = ["CorruptImageError", "DatasetNotFoundError", "Sample", "SegDataset", "build_dataset"]
+
+
+def build_dataset(dataset_cfg: Any, split: str | None = None) -> SegDataset:
+    """Instantiate the loader of a ``dataset/`` config for ``split`` (default: the config's split)."""
+    split = split or dataset_cfg.split
+    if split not in dataset_cfg.splits:
+        raise ValueError(f"{dataset_cfg.name} has no split {split!r}; choose one of {list(dataset_cfg.splits)}")
+    return instantiate(dataset_cfg.loader, split=split)

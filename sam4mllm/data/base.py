@@ -1,0 +1,119 @@
+"""The one sample type every loader returns, and the base class of the loaders."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from sam4mllm.coords import Size, mask_to_box
+from sam4mllm.data.errors import CorruptImageError
+
+Task = Literal["res", "gres", "reasonseg", "vqa"]
+
+
+@dataclass
+class Sample:
+    """One referring sentence (or one VQA question) with its image and ground truth.
+
+    ``masks`` holds one ``HxW`` bool mask per target at the original resolution; an
+    empty list on a segmentation task means *no target*. ``boxes`` are ``(N, 4)``
+    ``XYXY`` original-pixel boxes, one per mask. ``ignore`` marks pixels excluded from
+    IoU (ReasonSeg). ``answers`` are the human answers of a VQA question.
+    """
+
+    image: np.ndarray
+    expression: str
+    masks: list[np.ndarray]
+    boxes: np.ndarray
+    task: Task
+    source: str
+    split: str
+    image_id: int | str
+    sample_id: str
+    image_path: Path
+    ignore: np.ndarray | None = None
+    answers: list[str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> Size:
+        """``(H, W)`` of the original image."""
+        return int(self.image.shape[0]), int(self.image.shape[1])
+
+    @property
+    def no_target(self) -> bool:
+        """True for a segmentation sample whose expression refers to nothing."""
+        return self.task != "vqa" and not self.masks
+
+    def union_mask(self) -> np.ndarray:
+        """Union of all target masks (all False for no target)."""
+        out = np.zeros(self.size, dtype=bool)
+        for m in self.masks:
+            out |= m
+        return out
+
+
+def boxes_of(masks: Sequence[np.ndarray]) -> np.ndarray:
+    """``(N, 4)`` tight ``XYXY`` boxes of ``masks``."""
+    return np.array([mask_to_box(m) for m in masks], dtype=np.float64).reshape(-1, 4)
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Read an image as ``HxWx3`` uint8 RGB; a corrupt file raises :class:`CorruptImageError`."""
+    if not path.exists():
+        raise FileNotFoundError(f"image {path} is missing (referenced by the annotations)")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise CorruptImageError(f"cannot decode image {path}: {err}") from err
+
+
+class SegDataset(Sequence[Sample]):
+    """A split of one dataset: a list of light records, decoded to :class:`Sample` on access.
+
+    Loaders fill ``records`` and count every skipped malformed entry in ``skipped``
+    (reason -> count), so that nothing is dropped silently.
+    """
+
+    name: str = ""
+    split: str = ""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.skipped: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Sample:  # type: ignore[override]
+        return self.load(self.records[i])
+
+    @abstractmethod
+    def load(self, record: dict[str, Any]) -> Sample:
+        """Decode one record into a :class:`Sample`."""
+
+    def image_paths(self) -> list[Path]:
+        """Every image the split references, once each (for layout checks)."""
+        return sorted({Path(r["image_path"]) for r in self.records})
+
+    def summary(self) -> dict[str, int]:
+        """Counts of the split: samples, images, multi- and no-target samples, skips."""
+        counts = Counter()
+        for r in self.records:
+            n = len(r.get("ann_ids", ()))
+            counts["no_target" if n == 0 and r.get("task") != "vqa" else "multi_target" if n > 1 else "other"] += 1
+        return {
+            "samples": len(self.records),
+            "images": len(self.image_paths()),
+            "multi_target": counts["multi_target"],
+            "no_target": counts["no_target"],
+            "skipped": sum(self.skipped.values()),
+        }

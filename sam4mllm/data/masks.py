@@ -1,0 +1,47 @@
+"""Mask <-> COCO segmentation (polygons, compressed and uncompressed RLE) via pycocotools."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+
+def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
+    """Decode a COCO ``segmentation`` (polygon list, RLE dict with list or str counts).
+
+    Returns an ``HxW`` bool mask. Raises ``ValueError`` for a malformed segmentation.
+    """
+    if isinstance(segm, list):
+        if not segm or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segm):
+            raise ValueError("polygon segmentation must be a non-empty list of [x1, y1, x2, y2, ...] with >= 3 points")
+        rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+    elif isinstance(segm, dict) and "counts" in segm and "size" in segm:
+        if list(segm["size"]) != [height, width]:
+            raise ValueError(f"RLE size {segm['size']} does not match image size {[height, width]}")
+        if isinstance(segm["counts"], list):  # uncompressed RLE (COCO iscrowd annotations)
+            rle = mask_utils.frPyObjects(segm, height, width)
+        else:
+            counts = segm["counts"]
+            rle = {"size": segm["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
+    else:
+        raise ValueError(f"unrecognised segmentation of type {type(segm).__name__}")
+    return mask_utils.decode(rle).astype(bool)
+
+
+def encode_rle(mask: np.ndarray) -> dict[str, Any]:
+    """Compressed RLE of a bool ``HxW`` mask with ``str`` counts (JSON-serialisable)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def encode_uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
+    """Uncompressed COCO RLE (column-major run lengths, starting with a run of zeros)."""
+    flat = np.asarray(mask, dtype=bool).flatten(order="F")
+    change = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0, *counts]
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
