@@ -81,23 +81,29 @@ class ReferDataset(SegDataset):
         if split not in splits:
             raise ValueError(f"{self.name} has no split {split!r}; its refs file has splits {splits}")
         for ref in refs:
-            if isinstance(ref, dict) and ref.get("split") == split:
+            if not isinstance(ref, dict):
+                self.skipped["malformed ref"] += 1
+            elif ref.get("split") == split:
                 self._index_ref(ref)
 
     def _index_ref(self, ref: dict[str, Any]) -> None:
+        sentences = ref.get("sentences")
+        n = len(sentences) if isinstance(sentences, list) and sentences else 1  # what a skip loses
         try:
-            ann_ids, image_id, sentences = _ann_ids(ref), int(ref["image_id"]), ref["sentences"]
+            ann_ids, image_id = _ann_ids(ref), int(ref["image_id"])
+            if not isinstance(sentences, list):
+                raise TypeError("sentences is not a list")
         except (KeyError, TypeError, ValueError):
-            self.skipped["malformed ref"] += 1
+            self.skipped["malformed ref"] += n
             return
         if image_id not in self.images:
-            self.skipped["image missing from instances.json"] += max(len(sentences), 1)
+            self.skipped["image missing from instances.json"] += n
             return
         if any(a not in self.anns for a in ann_ids):
-            self.skipped["annotation missing from instances.json"] += max(len(sentences), 1)
+            self.skipped["annotation missing from instances.json"] += n
             return
         if not all(_valid_segmentation(self.anns[a].get("segmentation")) for a in ann_ids):
-            self.skipped["malformed segmentation"] += max(len(sentences), 1)
+            self.skipped["malformed segmentation"] += n
             return
         image = self.images[image_id]
         for sent in sentences:

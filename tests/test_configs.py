@@ -1,0 +1,57 @@
+"""Every config composes, and every ``_target_`` points at something importable."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_object
+from omegaconf import OmegaConf
+
+from sam4mllm import CONFIG_DIR
+
+PRIMARY = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+GROUP_OPTIONS = sorted(
+    (g.name, p.stem) for g in CONFIG_DIR.iterdir() if g.is_dir() for p in g.glob("*.yaml")
+)
+
+
+def _targets(node):
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield node["_target_"]
+        for v in node.values():
+            yield from _targets(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _targets(v)
+
+
+@pytest.mark.parametrize("primary", PRIMARY)
+@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
+def test_every_config_composes_and_resolves(primary, group, option):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        # A group the primary config does not list yet (deepspeed/) is appended with "+".
+        plus = "" if group in compose(config_name=primary) else "+"
+        cfg = compose(config_name=primary, overrides=[f"{plus}{group}={option}"])
+    assert group in cfg
+    container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    for target in _targets(container):
+        get_object(target)
+
+
+def test_every_group_option_is_reachable():
+    groups = {g for g, _ in GROUP_OPTIONS}
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        used = set().union(*(compose(config_name=p).keys() for p in PRIMARY))
+    # deepspeed/ is read by the trainer (issue 4), not yet by a primary config.
+    assert groups - used <= {"deepspeed"}
+
+
+def test_dataset_configs_declare_their_splits():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for _, name in (o for o in GROUP_OPTIONS if o[0] == "dataset"):
+            d = compose(config_name="prepare_data", overrides=[f"dataset={name}"]).dataset
+            assert d.split in d.splits and d.task in {"res", "gres", "reasonseg", "vqa"}
+            assert d.loader.dataset == d.name == name
+            if d.official_counts:
+                assert set(d.official_counts) == set(d.splits)

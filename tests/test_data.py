@@ -1,0 +1,223 @@
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sam4mllm.data import CorruptImageError, DatasetNotFoundError
+from sam4mllm.data.masks import decode_segmentation, encode_rle, encode_uncompressed_rle
+from sam4mllm.data.reasonseg import ReasonSegDataset, rasterize_shapes
+from sam4mllm.data.refer import ReferDataset
+from sam4mllm.data.synthetic import SyntheticConfig, generate_synthetic
+from sam4mllm.data.unpickle import UnsafePickleError, load_plain_pickle
+from sam4mllm.data.vqa import VQADataset
+
+
+def refer(root: Path, name="refcoco", split="val", refs_file="refs(unc).p", image_dir=None):
+    return ReferDataset(root / "refer_seg", name, split, image_dir or root / "coco" / "train2014", refs_file)
+
+
+# ------------------------------------------------------------------ restricted unpickler
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/sam4mllm_pwned",))
+
+
+def test_restricted_unpickler_refuses_code(tmp_path):
+    Path("/tmp/sam4mllm_pwned").unlink(missing_ok=True)
+    p = tmp_path / "refs(unc).p"
+    p.write_bytes(pickle.dumps([{"ref_id": 1, "x": Exploit()}], protocol=2))
+    with pytest.raises(UnsafePickleError, match="system"):
+        load_plain_pickle(p)
+    assert not Path("/tmp/sam4mllm_pwned").exists()
+
+
+def test_restricted_unpickler_admits_plain_containers(tmp_path):
+    data = [{"a": (1, 2.5, None, True), "b": ["x", b"y"], "c": {3, 4}, "d": frozenset({5})}]
+    for proto in (0, 2, 5):
+        p = tmp_path / f"p{proto}.p"
+        p.write_bytes(pickle.dumps(data, protocol=proto))
+        assert load_plain_pickle(p) == data
+
+
+# ------------------------------------------------------------------------------ masks
+def test_rle_encodings_roundtrip():
+    rng = np.random.default_rng(0)
+    for shape in [(5, 7), (1, 1), (12, 3)]:
+        for m in (rng.random(shape) > 0.5, np.ones(shape, bool), np.zeros(shape, bool)):
+            assert np.array_equal(decode_segmentation(encode_rle(m), *shape), m)
+            assert np.array_equal(decode_segmentation(encode_uncompressed_rle(m), *shape), m)
+
+
+@pytest.mark.parametrize("segm", [[], [[1, 2, 3]], [[1, 2, 3, 4, 5]], {"counts": "x"}, "poly", 3])
+def test_malformed_segmentation_raises(segm):
+    with pytest.raises(ValueError):
+        decode_segmentation(segm, 4, 4)
+
+
+def test_rle_size_mismatch_raises():
+    with pytest.raises(ValueError, match="does not match"):
+        decode_segmentation(encode_rle(np.ones((3, 3), bool)), 4, 4)
+
+
+# ---------------------------------------------------------------- synthetic round trip
+def test_synthetic_refer_masks_roundtrip_exactly(synthetic):
+    root = synthetic.root
+    seen_ids = set()
+    for split in ("train", "val", "testA", "testB"):
+        ds = refer(root, split=split)
+        assert len(ds) > 0 and not ds.skipped
+        for s in ds:
+            objects = synthetic.scenes[s.image_id].objects
+            assert len(s.masks) == 1 and s.expression
+            assert any(np.array_equal(s.masks[0], o.mask) for o in objects)
+            assert np.array_equal(s.image, synthetic.scenes[s.image_id].image)
+            seen_ids.add(s.image_id)
+    encodings = json.loads((root / "refer_seg/refcoco/instances.json").read_text())["annotations"]
+    kinds = {type(a["segmentation"]).__name__ + (type(a["segmentation"].get("counts")).__name__
+             if isinstance(a["segmentation"], dict) else "") for a in encodings}
+    assert kinds == {"list", "dictstr", "dictlist"}  # polygons, compressed and raw RLE all exercised
+
+
+def test_synthetic_gres_has_multi_and_no_target(synthetic):
+    ds = refer(synthetic.root, name="grefcoco", split="train", refs_file="grefs(unc).json")
+    samples = list(ds)
+    assert any(s.no_target for s in samples) and any(len(s.masks) > 1 for s in samples)
+    for s in samples:
+        objects = synthetic.scenes[s.image_id].objects
+        for m in s.masks:
+            assert any(np.array_equal(m, o.mask) for o in objects)
+        assert s.task == "gres" and s.boxes.shape == (len(s.masks), 4)
+
+
+def test_synthetic_reasonseg_roundtrip_and_ignore(synthetic):
+    ds = ReasonSegDataset(synthetic.root / "reason_seg/ReasonSeg", "val")
+    assert len(ds) == 8
+    n_ignore = 0
+    for s in ds:
+        scene = synthetic.scenes[f"val/{s.image_id}"]
+        assert len(s.masks) == 1
+        assert any(np.array_equal(s.masks[0], o.mask) for o in scene.objects)
+        assert not (s.masks[0] & s.ignore).any()
+        n_ignore += bool(s.ignore.any())
+    assert n_ignore > 0
+
+
+def test_synthetic_vqa(synthetic):
+    ds = VQADataset(synthetic.root / "vqav2", "val", synthetic.root / "coco/train2014",
+                    image_pattern="COCO_train2014_{image_id:012d}.png")
+    s = ds[0]
+    assert len(s.answers) == 10 and s.task == "vqa" and not s.no_target
+    assert np.array_equal(s.image, synthetic.scenes[s.image_id].image)
+
+
+def test_synthetic_is_deterministic_and_split_independent(tmp_path, synthetic):
+    from tests.conftest import SMALL
+
+    again = generate_synthetic(tmp_path / "a", SMALL)
+    for name in ("refer_seg/refcoco/refs(unc).p", "refer_seg/grefcoco/grefs(unc).json",
+                 "refer_seg/refcoco/instances.json", "vqav2/v2_mscoco_val_annotations.json"):
+        assert (again.root / name).read_bytes() == (synthetic.root / name).read_bytes()
+    # Changing the train size leaves the first val image untouched.
+    other = SyntheticConfig(**{**SMALL.__dict__, "images": {**SMALL.images, "train": 3}})
+    smaller = generate_synthetic(tmp_path / "b", other)
+    first_val = lambda rep: refer(rep.root, split="val")[0].image  # noqa: E731
+    assert np.array_equal(first_val(smaller), first_val(synthetic))
+
+
+def test_regenerating_with_another_config_refuses(tmp_path):
+    cfg = SyntheticConfig(images={"val": 1}, reason_images={})
+    generate_synthetic(tmp_path / "s", cfg)
+    generate_synthetic(tmp_path / "s", cfg)  # same config: fine
+    with pytest.raises(FileExistsError, match="another config"):
+        generate_synthetic(tmp_path / "s", SyntheticConfig(seed=9, images={"val": 1}, reason_images={}))
+
+
+# ---------------------------------------------------------------- bad and missing data
+def test_missing_dataset_names_path_layout_and_command(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as err:
+        refer(tmp_path, name="refcocog", refs_file="refs(umd).p")
+    msg = str(err.value)
+    assert str(tmp_path / "refer_seg/refcocog/refs(umd).p") in msg
+    assert "instances.json" in msg and "python scripts/prepare_data.py dataset=refcocog" in msg
+
+
+def test_partial_dataset_names_the_missing_piece(tmp_path, synthetic):
+    root = tmp_path / "copy"
+    shutil.copytree(synthetic.root / "refer_seg", root / "refer_seg")
+    with pytest.raises(DatasetNotFoundError, match="train2014"):
+        refer(root)
+    (root / "coco/train2014").mkdir(parents=True)
+    (root / "refer_seg/refcoco/instances.json").unlink()
+    with pytest.raises(DatasetNotFoundError, match=r"instances\.json"):
+        refer(root)
+
+
+def test_unknown_split_lists_the_real_ones(synthetic):
+    with pytest.raises(ValueError, match="testB"):
+        refer(synthetic.root, split="test")
+
+
+def test_malformed_refs_are_counted_not_dropped_silently(tmp_path, synthetic):
+    root = tmp_path / "bad"
+    shutil.copytree(synthetic.root, root)
+    refs_path = root / "refer_seg/refcoco/refs(unc).p"
+    refs = load_plain_pickle(refs_path)
+    val = [r for r in refs if r["split"] == "val"]
+    n_sent = [len(r["sentences"]) for r in val]
+    val[0]["ann_id"] = 10**9                      # annotation not in instances.json
+    val[1]["sentences"][0]["sent"] = "   "        # empty sentence
+    del val[2]["image_id"]                        # malformed ref
+    refs_path.write_bytes(pickle.dumps(refs, protocol=2))
+    inst_path = root / "refer_seg/refcoco/instances.json"
+    inst = json.loads(inst_path.read_text())
+    bad_ann = next(a for a in inst["annotations"] if a["id"] == val[3]["ann_id"])
+    bad_ann["segmentation"] = [[1, 2, 3]]         # a polygon of 1.5 points
+    inst_path.write_text(json.dumps(inst))
+
+    ds = refer(root)
+    assert ds.skipped == {
+        "annotation missing from instances.json": n_sent[0],
+        "empty sentence": 1,
+        "malformed ref": n_sent[2],
+        "malformed segmentation": n_sent[3],
+    }
+    total = sum(len(r["sentences"]) for r in val)
+    assert len(ds) + sum(ds.skipped.values()) == total
+
+
+def test_corrupt_and_missing_images_raise_clearly(tmp_path, synthetic):
+    root = tmp_path / "img"
+    shutil.copytree(synthetic.root, root)
+    ds = refer(root)
+    path = ds.records[0]["image_path"]
+    path.write_bytes(b"not a png")
+    with pytest.raises(CorruptImageError, match=str(path)):
+        ds[0]
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=str(path)):
+        ds[0]
+
+
+def test_reasonseg_convention_smaller_shapes_win_and_flag_is_skipped():
+    big = {"label": "target", "points": [[0, 0], [9, 0], [9, 9], [0, 9]]}
+    small = {"label": "ignore me", "points": [[2, 2], [4, 2], [4, 4], [2, 4]]}
+    flag = {"label": "flag", "points": [[0, 0], [9, 0], [9, 9]]}
+    # Listed small first: painting must still go largest -> smallest, so "ignore" survives.
+    target, ignore = rasterize_shapes([small, flag, big], 12, 12)
+    assert ignore[2:5, 2:5].all() and ignore.sum() == 9
+    assert target.sum() == 100 - 9 and not target[10:, :].any()
+
+
+def test_reasonseg_malformed_json_is_counted(tmp_path, synthetic):
+    root = tmp_path / "rs"
+    shutil.copytree(synthetic.root / "reason_seg/ReasonSeg", root)
+    jsons = sorted((root / "val").glob("*.json"))
+    jsons[0].write_text("{not json")
+    jsons[1].with_suffix(".jpg").unlink()
+    ds = ReasonSegDataset(root, "val")
+    assert ds.skipped == {"malformed json": 1, "image missing": 1}
+    assert len(ds) == len(jsons) - 2

@@ -1,0 +1,63 @@
+"""``prepare_data``: the library function and the literal script command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from sam4mllm import CONFIG_DIR
+from sam4mllm.data.prepare import prepare_data
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["synthetic.images={train:2,val:3,testA:1,testB:1}", "synthetic.reason_images={train:1,val:2,test:1}"]
+
+
+def test_synthetic_prepare_counts_match_the_generator(tmp_path, capsys):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="prepare_data", overrides=[
+            f"paths.data_dir={tmp_path}", f"overlay_dir={tmp_path}/ov", "overlays=2", *SMALL])
+    tables = prepare_data(cfg)
+    import json
+
+    manifest = json.loads((tmp_path / "synthetic/synthetic.json").read_text())["counts"]
+    by_split = {row[0]: row for row in tables["synthetic"]}
+    for split, c in manifest["refcoco"].items():
+        assert by_split[split][1] == c["sentences"] and by_split[split][3] == c["images"]
+    gres = {row[0]: row for row in tables["synthetic_gres"]}
+    assert gres["val"][6] == manifest["grefcoco"]["val"]["no_target"]
+    assert len(list((tmp_path / "ov/synthetic").glob("*.png"))) == 2
+    assert "| val " in capsys.readouterr().out
+
+
+def test_checking_real_layout_reports_against_official_counts(tmp_path, capsys):
+    """A real-dataset config pointed at a refcoco-shaped folder prints the official column."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        gen = compose(config_name="prepare_data", overrides=[f"paths.data_dir={tmp_path}", "overlays=0", *SMALL])
+        prepare_data(gen)
+        cfg = compose(config_name="prepare_data", overrides=[
+            "dataset=refcoco", f"paths.data_dir={tmp_path}/synthetic"])
+    rows = prepare_data(cfg)["refcoco"]
+    assert [r[2] for r in rows] == [120624, 10834, 5657, 5095]
+
+
+def test_prepare_script_missing_data_fails_with_the_fix(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "scripts/prepare_data.py", "dataset=refcocog", f"paths.data_dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert r.returncode != 0
+    assert "refs(umd).p" in r.stderr and "python scripts/prepare_data.py dataset=refcocog" in r.stderr
+
+
+def test_prepare_script_generates_synthetic(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "scripts/prepare_data.py", f"paths.data_dir={tmp_path}", f"paths.output_dir={tmp_path}/out",
+         *SMALL],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "synthetic/refer_seg/refcoco/refs(unc).p").exists()
+    assert "synthetic_reasonseg" in r.stdout

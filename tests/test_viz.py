@@ -1,0 +1,28 @@
+import numpy as np
+from PIL import Image
+
+from sam4mllm.viz import NEGATIVE, PALETTE, POSITIVE, overlay, save_overlay
+
+
+def test_overlay_tints_masks_outlines_them_and_marks_points(tmp_path):
+    img = np.full((20, 30, 3), 100, np.uint8)
+    mask = np.zeros((20, 30), bool)
+    mask[5:15, 5:15] = True
+    out = np.asarray(overlay(img, masks=[mask], points=[[25, 2], [25, 17]], labels=[1, 0], alpha=0.5))
+    assert out[10, 10].tolist() == [round(0.5 * 100 + 0.5 * c) for c in PALETTE[0]]  # interior tinted
+    assert out[5, 10].tolist() == list(PALETTE[0])                                     # edge outlined
+    assert out[10, 20].tolist() == [100, 100, 100]                                     # outside untouched
+    assert tuple(out[2, 25]) == POSITIVE and tuple(out[17, 25]) == NEGATIVE
+
+
+def test_overlay_box_and_scale(tmp_path):
+    img = np.zeros((10, 10, 3), np.uint8)
+    out = np.asarray(overlay(img, boxes=[[2, 3, 6, 8]], scale=2))
+    assert out.shape == (20, 20, 3)
+    assert tuple(out[6, 4]) == PALETTE[0] and tuple(out[6 + 9, 4 + 5]) == PALETTE[0]
+    assert out[10, 8].tolist() == [0, 0, 0]  # inside the outline: untouched
+
+
+def test_save_overlay_writes_png(tmp_path):
+    p = save_overlay(tmp_path / "a/b.png", np.zeros((4, 4, 3), np.uint8))
+    assert Image.open(p).format == "PNG"
