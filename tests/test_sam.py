@@ -123,7 +123,7 @@ def test_load_weights_is_strict_and_refuses_pickled_code(tmp_path):
             return (os.system, ("true",))
 
     torch.save({"weight": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(Exception, match="weights_only|Unsupported global"):
+    with pytest.raises(Exception, match=r"weights_only|Unsupported global"):
         load_weights(net, tmp_path / "evil.pt")
 
 
@@ -157,7 +157,7 @@ def test_grabcut_reaches_iou_09_on_synthetic_with_gt_prompts(synthetic):
     assert min(ious_pts) >= 0.8
 
 
-def test_grabcut_is_deterministic_and_points_only_works():
+def test_grabcut_is_deterministic_and_needs_a_box():
     rng = np.random.default_rng(0)
     img = np.full((40, 40, 3), 200, np.uint8)
     img[10:25, 12:30] = (200, 30, 30)
@@ -168,7 +168,8 @@ def test_grabcut_is_deterministic_and_points_only_works():
     a = seg.predict(np.array([[8, 8, 33, 28]]))
     b = seg.predict(np.array([[8, 8, 33, 28]]))
     assert np.array_equal(a.masks, b.masks)
-    only_pts = seg.predict(None, np.array([[[20, 15], [2, 2]]]), np.array([[1, 0]])).masks[0]
     gt = np.zeros((40, 40), bool)
     gt[10:25, 12:30] = True
-    assert score_sample(only_pts, gt).iou > 0.9
+    assert score_sample(a.masks[0], gt).iou > 0.9
+    with pytest.raises(ValueError, match="needs a box"):
+        seg.predict(None, np.array([[[20, 15], [2, 2]]]), np.array([[1, 0]]))

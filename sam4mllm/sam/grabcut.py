@@ -24,7 +24,7 @@ class GrabCutSegmenter(Segmenter):
         margin: background margin around the box, as a fraction of the box size (>= 2 px).
         seed: OpenCV RNG seed set before each call.
 
-    ``scores`` are all 1.0: GrabCut gives no quality estimate.
+    Every prompt needs a box. ``scores`` are all 1.0: GrabCut gives no quality estimate.
     """
 
     name = "grabcut"
@@ -38,34 +38,31 @@ class GrabCutSegmenter(Segmenter):
         self._bgr = np.ascontiguousarray(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
 
     def _predict(self, prompts: Prompts) -> Prediction:
+        if prompts.boxes is None:
+            # Seeded by points alone GrabCut has no background model worth the name.
+            raise ValueError("GrabCutSegmenter needs a box in every prompt (points alone are not enough)")
         h, w = self.image_size  # type: ignore[misc]
         masks = np.zeros((len(prompts), h, w), dtype=bool)
         for i in range(len(prompts)):
-            box = None if prompts.boxes is None else prompts.boxes[i]
+            box = prompts.boxes[i]
             pts = np.zeros((0, 2)) if prompts.points is None else prompts.points[i]
             lab = np.zeros(0, dtype=np.int64) if prompts.labels is None else prompts.labels[i]
             masks[i] = self._one(box, pts, lab)
         return Prediction(masks, np.ones(len(prompts), np.float32))
 
-    def _one(self, box: np.ndarray | None, pts: np.ndarray, lab: np.ndarray) -> np.ndarray:
+    def _one(self, box: np.ndarray, pts: np.ndarray, lab: np.ndarray) -> np.ndarray:
         assert self._bgr is not None
         h, w = self._bgr.shape[:2]
-        if box is not None:
-            x1, y1, x2, y2 = np.clip(np.round(box), 0, [w, h, w, h]).astype(int)
-            x2, y2 = max(x2, x1 + 1), max(y2, y1 + 1)
-            mx, my = max(2, int(self.margin * (x2 - x1))), max(2, int(self.margin * (y2 - y1)))
-            cx1, cy1, cx2, cy2 = max(0, x1 - mx), max(0, y1 - my), min(w, x2 + mx), min(h, y2 + my)
-        else:
-            cx1, cy1, cx2, cy2 = 0, 0, w, h
+        x1, y1, x2, y2 = np.clip(np.round(box), 0, [w, h, w, h]).astype(int)
+        x2, y2 = max(x2, x1 + 1), max(y2, y1 + 1)
+        mx, my = max(2, int(self.margin * (x2 - x1))), max(2, int(self.margin * (y2 - y1)))
+        cx1, cy1, cx2, cy2 = max(0, x1 - mx), max(0, y1 - my), min(w, x2 + mx), min(h, y2 + my)
         ipts = np.clip(np.floor(pts), 0, [w - 1, h - 1]).astype(int) if len(pts) else np.zeros((0, 2), int)
         if len(ipts):  # the crop must contain every point
             cx1, cy1 = min(cx1, ipts[:, 0].min()), min(cy1, ipts[:, 1].min())
             cx2, cy2 = max(cx2, ipts[:, 0].max() + 1), max(cy2, ipts[:, 1].max() + 1)
-        # Without a box every pixel is "probably object" and the negative points alone
-        # model the background (a positive-only prompt therefore returns the whole image).
-        init = np.full((cy2 - cy1, cx2 - cx1), cv2.GC_BGD if box is not None else cv2.GC_PR_FGD, np.uint8)
-        if box is not None:
-            init[y1 - cy1:y2 - cy1, x1 - cx1:x2 - cx1] = cv2.GC_PR_FGD
+        init = np.full((cy2 - cy1, cx2 - cx1), cv2.GC_BGD, np.uint8)
+        init[y1 - cy1:y2 - cy1, x1 - cx1:x2 - cx1] = cv2.GC_PR_FGD
         for (x, y), lbl in zip(ipts, lab, strict=True):
             cv2.circle(init, (int(x - cx1), int(y - cy1)), self.point_radius,
                        int(cv2.GC_FGD if lbl == 1 else cv2.GC_BGD), -1)

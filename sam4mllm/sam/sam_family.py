@@ -80,7 +80,8 @@ class PredictorSegmenter(Segmenter):
             sl = slice(start, start + self.batch_size)
             box = coords = labels = None
             if prompts.boxes is not None:
-                box = torch.as_tensor(p.transform.apply_boxes(prompts.boxes[sl], orig), dtype=torch.float, device=device)
+                box = torch.as_tensor(p.transform.apply_boxes(prompts.boxes[sl], orig), dtype=torch.float,
+                                      device=device)
             if prompts.points is not None:
                 coords = torch.as_tensor(p.transform.apply_coords(prompts.points[sl], orig), dtype=torch.float,
                                          device=device)
@@ -143,8 +144,8 @@ def build_efficientvit_sam(
     batch_size: int = 64,
 ) -> PredictorSegmenter:
     """EfficientViT-SAM ``l0``..``xl1`` (the paper uses ``xl1``) through the ``efficientsam`` package."""
-    from efficientsam.sam_model_zoo import create_efficientvit_sam_model
     from efficientsam.models.efficientvit.sam import EfficientViTSamPredictor
+    from efficientsam.sam_model_zoo import create_efficientvit_sam_model
 
     if variant not in EFFICIENTVIT_VARIANTS:
         raise ValueError(f"unknown EfficientViT-SAM variant {variant!r}; choose one of {EFFICIENTVIT_VARIANTS}")
