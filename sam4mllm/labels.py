@@ -1,0 +1,248 @@
+"""PPG and PQPP training labels (paper §4.1) and the sharded, resumable label job.
+
+* **PPG**: for each target, sample ``n_groups`` (64) groups of ``n_pos`` (2) points
+  inside the mask and ``n_neg`` (1) outside it, all inside the GT box; segment box +
+  group; keep the ``top_k`` (16) groups by IoU against the GT mask and pick one at
+  random. One image embedding per image, all groups in one batch.
+* **PQPP**: the box plus ``n_points`` (10) points inside the GT box, uniform or
+  Poisson-disk, each labelled by the GT mask.
+* **GRES**: one prompt set per target; a no-target sentence has no targets.
+
+Points are integer pixel indices ``(x, y)`` (column, row) of the original image; boxes
+are the annotation's ``XYXY`` box in original pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from sam4mllm.data import SegDataset, build_dataset
+from sam4mllm.data.errors import CorruptImageError
+from sam4mllm.sam.base import Segmenter
+from sam4mllm.shards import ShardWriter, assign, merge_shards, shard_from_env, shard_path
+
+log = logging.getLogger(__name__)
+LABEL_FORMAT = "sam4mllm-labels"
+LABEL_VERSION = 1
+MERGED_NAME = "labels.jsonl"
+
+
+def _box_pixels(box: np.ndarray, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Integer pixel range ``[x1, x2) x [y1, y2)`` covered by an ``XYXY`` box (at least one pixel)."""
+    h, w = shape
+    x1, y1 = int(np.clip(np.floor(box[0]), 0, w - 1)), int(np.clip(np.floor(box[1]), 0, h - 1))
+    x2, y2 = int(np.clip(np.ceil(box[2]), x1 + 1, w)), int(np.clip(np.ceil(box[3]), y1 + 1, h))
+    return x1, y1, x2, y2
+
+
+def _pool(mask: np.ndarray, box: np.ndarray, inside: bool) -> np.ndarray:
+    """``(N, 2)`` pixel ``(x, y)`` inside the box where ``mask == inside``."""
+    x1, y1, x2, y2 = _box_pixels(box, mask.shape)
+    ys, xs = np.nonzero(mask[y1:y2, x1:x2] == inside)
+    return np.stack([xs + x1, ys + y1], axis=1)
+
+
+def ppg_label(
+    segmenter: Segmenter,
+    mask: np.ndarray,
+    box: np.ndarray,
+    rng: np.random.Generator,
+    n_groups: int = 64,
+    top_k: int = 16,
+    n_pos: int = 2,
+    n_neg: int = 1,
+) -> dict[str, Any]:
+    """One PPG label: the box and a point group picked among the ``top_k`` best of ``n_groups``.
+
+    ``segmenter`` must already hold the image (``set_image``). Returns ``box``,
+    ``points``, ``labels`` (1 inside / 0 outside), the chosen group's ``iou`` and the
+    ``best_iou`` of all groups. A target whose box holds no background gets no
+    negative points (the count is recorded in ``n_neg``).
+    """
+    from sam4mllm.metrics import score_sample
+
+    pos_pool, neg_pool = _pool(mask, box, True), _pool(mask, box, False)
+    if len(pos_pool) == 0:
+        raise ValueError("the target mask has no pixel inside its box")
+    n_neg = n_neg if len(neg_pool) else 0
+    pos = pos_pool[rng.integers(len(pos_pool), size=(n_groups, n_pos))]
+    neg = neg_pool[rng.integers(len(neg_pool), size=(n_groups, n_neg))] if n_neg else np.zeros((n_groups, 0, 2), int)
+    points = np.concatenate([pos, neg], axis=1)
+    labels = np.concatenate([np.ones((n_groups, n_pos), int), np.zeros((n_groups, n_neg), int)], axis=1)
+    pred = segmenter.predict(np.repeat(np.asarray(box, float)[None], n_groups, 0), points, labels)
+    ious = np.array([score_sample(m, mask).iou for m in pred.masks])
+    top = np.argsort(-ious, kind="stable")[:top_k]
+    pick = int(top[rng.integers(len(top))])
+    return {
+        "box": [float(v) for v in box],
+        "points": points[pick].tolist(),
+        "labels": labels[pick].tolist(),
+        "iou": float(ious[pick]),
+        "best_iou": float(ious.max()),
+        "n_neg": n_neg,
+    }
+
+
+def sample_box_points(
+    box: np.ndarray, shape: tuple[int, int], n: int, rng: np.random.Generator, sampling: str = "uniform"
+) -> np.ndarray:
+    """``n`` distinct-as-possible pixel ``(x, y)`` inside a box, ``uniform`` or ``poisson`` (disk)."""
+    x1, y1, x2, y2 = _box_pixels(box, shape)
+    if sampling == "uniform":
+        return np.stack([rng.integers(x1, x2, n), rng.integers(y1, y2, n)], axis=1)
+    if sampling != "poisson":
+        raise ValueError(f"unknown point sampling {sampling!r}: use uniform or poisson")
+    # Dart throwing: accept a candidate only if it keeps distance r from the accepted
+    # ones; shrink r when a pass cannot place all n points.
+    cand = np.stack(np.meshgrid(np.arange(x1, x2), np.arange(y1, y2)), -1).reshape(-1, 2)
+    r = np.sqrt((x2 - x1) * (y2 - y1) / (n * np.pi))
+    while True:
+        chosen: list[np.ndarray] = []
+        for c in cand[rng.permutation(len(cand))]:
+            if all(np.hypot(*(c - q)) >= r for q in chosen):
+                chosen.append(c)
+                if len(chosen) == n:
+                    return np.array(chosen)
+        if r < 1:  # fewer pixels than points: repeat some
+            extra = cand[rng.integers(len(cand), size=n - len(chosen))]
+            return np.concatenate([np.array(chosen).reshape(-1, 2), extra])
+        r *= 0.7
+
+
+def pqpp_label(
+    mask: np.ndarray, box: np.ndarray, rng: np.random.Generator, n_points: int = 10, sampling: str = "uniform"
+) -> dict[str, Any]:
+    """One PQPP label: the box and ``n_points`` points in it, each labelled by the GT mask."""
+    pts = sample_box_points(box, mask.shape, n_points, rng, sampling)
+    return {
+        "box": [float(v) for v in box],
+        "points": pts.tolist(),
+        "labels": [int(mask[y, x]) for x, y in pts],
+    }
+
+
+# ------------------------------------------------------------------------------ the job
+def _image_rng(seed: int, key: str) -> np.random.Generator:
+    """A generator that depends only on the seed and the image, not on sharding."""
+    return np.random.default_rng([seed, int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")])
+
+
+def _group_by_image(ds: SegDataset) -> list[tuple[str, list[int]]]:
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(ds.records):
+        groups.setdefault(str(r.get("image_id", Path(r["image_path"]).stem)), []).append(i)
+    return list(groups.items())
+
+
+def label_image(
+    ds: SegDataset,
+    record_ids: list[int],
+    variant: str,
+    params: dict[str, Any],
+    rng: np.random.Generator,
+    segmenter: Segmenter | None,
+) -> list[dict[str, Any]]:
+    """Labels of every sentence of one image; a target shared by sentences is labelled once."""
+    samples = [ds.load(ds.records[i]) for i in record_ids]
+    if variant == "ppg":
+        assert segmenter is not None
+        segmenter.set_image(samples[0].image)
+    done: dict[str, dict[str, Any]] = {}
+    out = []
+    for s in samples:
+        ann_ids = s.meta.get("ann_ids") or [f"{s.sample_id}/{j}" for j in range(len(s.masks))]
+        targets = []
+        for ann, mask, box in zip(ann_ids, s.masks, s.boxes, strict=True):
+            key = str(ann)
+            if key not in done:
+                done[key] = (ppg_label(segmenter, mask, box, rng, **params) if variant == "ppg"  # type: ignore[arg-type]
+                             else pqpp_label(mask, box, rng, **params))
+            targets.append(done[key])
+        out.append({"sample_id": s.sample_id, "expression": s.expression, "task": s.task, "targets": targets})
+    return out
+
+
+def _header(cfg: Any, segmenter_name: str) -> dict[str, Any]:
+    semantic = {
+        "variant": cfg.variant,
+        "labels": OmegaConf.to_container(cfg.labels, resolve=True),
+        "sam": OmegaConf.to_container(cfg.sam, resolve=True) if cfg.variant == "ppg" else None,
+        "dataset": cfg.dataset.name,
+        "split": cfg.split,
+        "seed": cfg.seed,
+    }
+    digest = hashlib.sha256(json.dumps(semantic, sort_keys=True).encode()).hexdigest()[:16]
+    return {"format": LABEL_FORMAT, "version": LABEL_VERSION, "config_hash": digest,
+            "segmenter": segmenter_name, **semantic}
+
+
+def generate_labels(cfg: Any, segmenter_factory: Callable[[], Segmenter] | None = None) -> Path | None:
+    """Write this process's shard of labels and, once every shard is complete, the merged file.
+
+    Returns the merged ``labels.jsonl`` path, or ``None`` while other shards still run.
+    """
+    from hydra.utils import instantiate
+
+    if cfg.variant not in ("ppg", "pqpp"):
+        raise ValueError(f"variant must be ppg or pqpp (use +exp=ppg or +exp=pqpp), got {cfg.variant!r}")
+    ds = build_dataset(cfg.dataset, cfg.split)
+    if ds.records and ds.records[0]["task"] == "vqa":
+        raise ValueError("VQA samples need no SAM labels: the trainer reads VQAv2 directly")
+    for reason, n in ds.skipped.items():
+        log.warning("%s/%s: %d entries skipped while loading: %s", cfg.dataset.name, cfg.split, n, reason)
+    segmenter = None
+    if cfg.variant == "ppg":
+        segmenter = segmenter_factory() if segmenter_factory else instantiate(cfg.sam)
+    header = _header(cfg, segmenter.name if segmenter else "none")
+    index, count = shard_from_env(cfg.shard.index, cfg.shard.count)
+    out_dir = Path(cfg.out_dir)
+    items = _group_by_image(ds)
+    mine = assign(items, index, count)
+    params = OmegaConf.to_container(cfg.labels, resolve=True)
+    with ShardWriter(shard_path(out_dir, index, count), {**header, "shard": index, "num_shards": count}) as w:
+        todo = [(k, it) for k, it in mine if it[0] not in w.done]
+        if len(todo) < len(mine):
+            log.info("resuming %s: %d of %d images already labelled", w.path, len(mine) - len(todo), len(mine))
+        bar = tqdm(todo, desc=f"{cfg.variant} labels [{index + 1}/{count}]", unit="img", initial=len(mine) - len(todo),
+                   total=len(mine), disable=not cfg.progress)
+        for k, (key, rec_ids) in bar:
+            try:
+                samples = label_image(ds, rec_ids, cfg.variant, params, _image_rng(cfg.seed, key), segmenter)
+                w.write({"key": key, "index": k, "image_path": str(ds.records[rec_ids[0]]["image_path"]),
+                         "samples": samples})
+            except (CorruptImageError, FileNotFoundError, ValueError) as err:
+                # Counted and kept in the output, so a resume does not retry it and nothing is silently lost.
+                w.write({"key": key, "index": k, "error": f"{type(err).__name__}: {err}", "samples": []})
+        errors = [r for r in w.records if "error" in r]
+    if errors:
+        log.warning("%d of %d images could not be labelled, e.g. %s", len(errors), len(mine), errors[0]["error"])
+    merged = merge_shards(out_dir, count, len(items), header, MERGED_NAME)
+    if merged:
+        log.info("labels merged into %s", merged)
+    return merged
+
+
+def label_stats(path: Path) -> dict[str, float | int]:
+    """Counts and mean PPG IoU of a merged labels file."""
+    from sam4mllm.shards import iter_records
+
+    n_img = n_err = n_samples = n_no_target = 0
+    ious = []
+    for r in iter_records(path):
+        n_img += 1
+        n_err += "error" in r
+        for s in r["samples"]:
+            n_samples += 1
+            n_no_target += not s["targets"]
+            ious += [t["iou"] for t in s["targets"] if "iou" in t]
+    return {"images": n_img, "errors": n_err, "samples": n_samples, "no_target": n_no_target,
+            "mean_iou": float(np.mean(ious)) if ious else float("nan")}

@@ -1,0 +1,137 @@
+"""Incremental, resumable, sharded JSONL outputs (label generation, evaluation).
+
+A job splits its ordered work items over ``n`` shards (item ``k`` goes to shard
+``k % n``); shard ``i`` appends one JSON line per finished item to
+``shard-<i>-of-<n>.jsonl`` after a header line. A killed process (even ``kill -9``
+in the middle of a line) resumes: the file is cut back to its last complete line and
+finished items are skipped. When every shard is complete, the records are merged in
+item order into one file whose content does not depend on ``n``, so ``n`` shards give
+exactly what one process gives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+def shard_from_env(index: int | None = None, count: int | None = None) -> tuple[int, int]:
+    """``(index, count)``: explicit values, else the launcher's ``RANK``/``WORLD_SIZE``, else ``(0, 1)``."""
+    count = int(count if count is not None else os.environ.get("WORLD_SIZE", 1))
+    index = int(index if index is not None else os.environ.get("RANK", 0))
+    if not 0 <= index < count:
+        raise ValueError(f"shard index {index} is outside 0..{count - 1}")
+    return index, count
+
+
+def shard_path(out_dir: Path, index: int, count: int) -> Path:
+    """File of shard ``index`` of ``count``."""
+    return Path(out_dir) / f"shard-{index:05d}-of-{count:05d}.jsonl"
+
+
+def _read_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Complete JSON lines of ``path`` and the byte length they span (a torn tail is excluded)."""
+    records, good = [], 0
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                records.append(json.loads(raw))
+            except json.JSONDecodeError:
+                break
+            good += len(raw)
+    return records, good
+
+
+class ShardWriter:
+    """Appends records to one shard; reopening it resumes after the last complete line.
+
+    ``header`` must match the header already in the file (same config hash, shard and
+    shard count); otherwise the file belongs to another run and ``FileExistsError`` is
+    raised rather than mixing outputs.
+    """
+
+    def __init__(self, path: str | Path, header: dict[str, Any]) -> None:
+        self.path, self.header = Path(path), header
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.records: list[dict[str, Any]] = []
+        if self.path.exists():
+            lines, good = _read_lines(self.path)
+            if lines and lines[0].get("header") != header:
+                raise FileExistsError(
+                    f"{self.path} was written by another configuration ({lines[0].get('header')}); "
+                    "delete it or choose another output directory"
+                )
+            with open(self.path, "r+b") as f:  # drop a line torn by a kill
+                f.truncate(good)
+            self.records = lines[1:]
+        if not self.records and (not self.path.exists() or self.path.stat().st_size == 0):
+            self.path.write_text(json.dumps({"header": header}) + "\n")
+        self.done = {r["key"] for r in self.records}
+        self._f = open(self.path, "a")  # noqa: SIM115 - closed in close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one finished item (it must carry ``key`` and ``index``) and flush it."""
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+        self.records.append(record)
+        self.done.add(record["key"])
+
+    def close(self) -> None:
+        """Close the file."""
+        self._f.close()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_shard(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``(header, records)`` of a shard or merged file."""
+    lines, _ = _read_lines(path)
+    if not lines or "header" not in lines[0]:
+        raise ValueError(f"{path} has no header line")
+    return lines[0]["header"], lines[1:]
+
+
+def merge_shards(out_dir: Path, count: int, expected: int, header: dict[str, Any], name: str) -> Path | None:
+    """Merge complete shards into ``out_dir/name`` (atomically); ``None`` while any is unfinished.
+
+    ``expected`` is the total number of items; ``header`` is the merged file's header
+    (it must not mention the shard count, so any ``count`` gives the same bytes).
+    """
+    records: list[dict[str, Any]] = []
+    for i in range(count):
+        p = shard_path(out_dir, i, count)
+        if not p.exists():
+            return None
+        records += read_shard(p)[1]
+    if len(records) < expected:
+        return None
+    records.sort(key=lambda r: r["index"])
+    if [r["index"] for r in records] != list(range(expected)):
+        raise ValueError(f"shards in {out_dir} hold duplicate or foreign items; delete them and rerun")
+    out = Path(out_dir) / name
+    tmp = out.with_name(f".{name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps({"header": header}) + "\n")
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    tmp.replace(out)
+    return out
+
+
+def iter_records(path: Path) -> Iterator[dict[str, Any]]:
+    """Records of a merged file, header skipped."""
+    yield from read_shard(path)[1]
+
+
+def assign(items: Iterable[Any], index: int, count: int) -> list[tuple[int, Any]]:
+    """``(global index, item)`` pairs of shard ``index`` of ``count``."""
+    return [(k, it) for k, it in enumerate(items) if k % count == index]

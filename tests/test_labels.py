@@ -1,0 +1,184 @@
+"""PPG / PQPP label generators and the sharded, resumable label job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from sam4mllm import CONFIG_DIR
+from sam4mllm.labels import generate_labels, label_stats, ppg_label, pqpp_label, sample_box_points
+from sam4mllm.sam.base import Prediction, Prompts, Segmenter
+from sam4mllm.shards import read_shard, shard_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class NegativeParitySegmenter(Segmenter):
+    """Returns the GT mask when a group's negative point has an even x, else the box: IoU is known."""
+
+    name = "parity"
+
+    def __init__(self, gt: np.ndarray) -> None:
+        super().__init__()
+        self.gt, self.batches = gt, []
+
+    def _embed(self, image: np.ndarray) -> None:
+        pass
+
+    def _predict(self, prompts: Prompts) -> Prediction:
+        self.batches.append(len(prompts))
+        out = []
+        for box, pts in zip(prompts.boxes, prompts.points, strict=True):
+            m = np.zeros_like(self.gt)
+            x1, y1, x2, y2 = box.astype(int)
+            m[y1:y2, x1:x2] = True
+            out.append(self.gt if pts[-1, 0] % 2 == 0 else m)
+        return Prediction(np.array(out), np.ones(len(out)))
+
+
+def _disc(h=40, w=50):
+    yy, xx = np.mgrid[:h, :w]
+    return (xx - 25) ** 2 + (yy - 20) ** 2 <= 12**2, np.array([13.0, 8.0, 38.0, 33.0])
+
+
+def test_ppg_label_samples_groups_filters_top_k_and_picks_randomly():
+    gt, box = _disc()
+    seg = NegativeParitySegmenter(gt)
+    seg.set_image(np.zeros((40, 50, 3), np.uint8))
+    picks = set()
+    for seed in range(12):
+        lab = ppg_label(seg, gt, box, np.random.default_rng(seed), n_groups=64, top_k=16)
+        pts = np.array(lab["points"])
+        assert lab["labels"] == [1, 1, 0]
+        assert all(gt[y, x] for x, y in pts[:2]) and not gt[pts[2, 1], pts[2, 0]]
+        assert ((pts >= box[:2]) & (pts < box[2:])).all()        # every point inside the GT box
+        assert lab["iou"] == 1.0 and pts[2, 0] % 2 == 0           # picked among the best groups
+        picks.add(tuple(pts.ravel()))
+    assert seg.batches == [64] * 12          # one batched call of 64 groups per target
+    assert len(picks) > 6                    # a random pick among the top 16, not always the same
+
+
+def test_ppg_without_background_in_the_box_has_no_negative():
+    gt = np.zeros((10, 10), bool)
+    gt[2:6, 2:6] = True
+    seg = NegativeParitySegmenter(gt)
+    seg.set_image(np.zeros((10, 10, 3), np.uint8))
+    lab = ppg_label(seg, gt, np.array([2.0, 2.0, 6.0, 6.0]), np.random.default_rng(0), n_groups=4, top_k=2)
+    assert lab["labels"] == [1, 1] and lab["n_neg"] == 0
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "poisson"])
+def test_pqpp_label_points_are_in_the_box_and_labelled_by_the_mask(sampling):
+    gt, box = _disc()
+    lab = pqpp_label(gt, box, np.random.default_rng(0), n_points=10, sampling=sampling)
+    pts = np.array(lab["points"])
+    assert pts.shape == (10, 2) and ((pts >= box[:2]) & (pts < box[2:])).all()
+    assert lab["labels"] == [int(gt[y, x]) for x, y in pts]
+
+
+def test_poisson_disk_points_spread_wider_than_uniform():
+    box, rng = np.array([0.0, 0.0, 60.0, 60.0]), np.random.default_rng(0)
+
+    def min_dist(p):
+        d = np.hypot(*(p[:, None] - p[None]).transpose(2, 0, 1))
+        return d[~np.eye(len(p), dtype=bool)].min()
+
+    uni = np.mean([min_dist(sample_box_points(box, (60, 60), 10, rng, "uniform")) for _ in range(20)])
+    poi = np.mean([min_dist(sample_box_points(box, (60, 60), 10, rng, "poisson")) for _ in range(20)])
+    assert poi > 2 * uni
+
+
+def _cfg(data_dir: Path, out: Path, *extra: str):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="gen_labels", overrides=[
+            f"paths.data_dir={data_dir}", f"out_dir={out}", "progress=false", *extra])
+
+
+def _data_dir(synthetic) -> Path:
+    return synthetic.root.parent
+
+
+def test_ppg_job_embeds_each_image_once_and_covers_every_sentence(synthetic, tmp_path):
+    from sam4mllm.sam.grabcut import GrabCutSegmenter
+
+    seg = GrabCutSegmenter()
+    merged = generate_labels(_cfg(_data_dir(synthetic), tmp_path, "+exp=ppg", "split=val"), lambda: seg)
+    header, records = read_shard(merged)
+    assert header["segmenter"] == "grabcut" and header["variant"] == "ppg" and "shard" not in header
+    assert seg.embed_count == len(records) == 8
+    stats = label_stats(merged)
+    from sam4mllm.data.refer import ReferDataset
+
+    ds = ReferDataset(synthetic.root / "refer_seg", "refcoco", "val", synthetic.root / "coco/train2014")
+    assert stats["samples"] == len(ds) and stats["errors"] == 0 and stats["mean_iou"] > 0.9
+
+
+def test_gres_labels_have_one_prompt_set_per_target_and_none_for_no_target(synthetic, tmp_path):
+    merged = generate_labels(_cfg(_data_dir(synthetic), tmp_path, "+exp=pqpp", "dataset=synthetic_gres"))
+    from sam4mllm.data.refer import ReferDataset
+
+    ds = ReferDataset(synthetic.root / "refer_seg", "grefcoco", "train", synthetic.root / "coco/train2014",
+                      "grefs(unc).json", dataset="synthetic_gres")
+    n_targets = {s.sample_id: len(s.masks) for s in ds}
+    got = {s["sample_id"]: len(s["targets"]) for r in read_shard(merged)[1] for s in r["samples"]}
+    assert got == n_targets and 0 in got.values() and max(got.values()) > 1
+
+
+def test_job_is_deterministic_and_shards_merge_to_the_single_process_output(synthetic, tmp_path):
+    data = _data_dir(synthetic)
+    one = generate_labels(_cfg(data, tmp_path / "one", "+exp=ppg"))
+    again = generate_labels(_cfg(data, tmp_path / "again", "+exp=ppg"))
+    assert one.read_bytes() == again.read_bytes()
+    results = [generate_labels(_cfg(data, tmp_path / "three", "+exp=ppg", f"shard.index={i}", "shard.count=3"))
+               for i in (2, 0, 1)]
+    assert results[:2] == [None, None]  # merging waits for the last shard
+    assert results[2].read_bytes() == one.read_bytes()
+
+
+def test_shard_index_comes_from_the_launcher_environment(synthetic, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert generate_labels(_cfg(_data_dir(synthetic), tmp_path, "+exp=pqpp")) is None
+    assert shard_path(tmp_path, 1, 2).exists() and not shard_path(tmp_path, 0, 2).exists()
+
+
+def test_rerun_with_another_config_refuses_to_mix(synthetic, tmp_path):
+    generate_labels(_cfg(_data_dir(synthetic), tmp_path, "+exp=pqpp"))
+    with pytest.raises(FileExistsError, match="another configuration"):
+        generate_labels(_cfg(_data_dir(synthetic), tmp_path, "+exp=pqpp", "seed=1"))
+
+
+def test_kill_minus_9_then_resume_gives_the_identical_output(synthetic, tmp_path):
+    data = _data_dir(synthetic)
+    reference = generate_labels(_cfg(data, tmp_path / "ref", "+exp=ppg")).read_bytes()
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "scripts/gen_labels.py", "+exp=ppg", f"paths.data_dir={data}", f"out_dir={out}",
+           "progress=false", f"paths.output_dir={tmp_path}/hydra"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shard = shard_path(out, 0, 1)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if shard.exists() and shard.read_text().count("\n") >= 3:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    # Whether or not the kill landed mid-run, also tear the last line as a kill mid-write would.
+    text = shard.read_text()
+    lines = text.splitlines(keepends=True)
+    shard.write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2] if len(lines) > 3 else text[:-5])
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    merged = out / "labels.jsonl"
+    assert merged.read_bytes() == reference
+    keys = [json.loads(x)["key"] for x in shard.read_text().splitlines()[1:]]
+    assert len(keys) == len(set(keys))  # nothing written twice
