@@ -1,0 +1,152 @@
+"""Fine-tune SAM's mask decoder on COCO instances (paper §4.1).
+
+Only the mask decoder trains; the image and prompt encoders stay frozen. Every image
+that appears in a val/test split of refCOCO, refCOCO+, refCOCOg or gRefCOCO is removed
+first, so the evaluation images never leak into training. Each instance is prompted
+with its box; the loss is SAM's focal + dice (20:1) plus the IoU-head MSE.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sam4mllm.data.base import load_image
+from sam4mllm.data.errors import DatasetNotFoundError, require
+from sam4mllm.data.masks import decode_segmentation
+from sam4mllm.data.refer import LAYOUT as REFER_LAYOUT
+from sam4mllm.data.unpickle import load_plain_pickle
+
+log = logging.getLogger(__name__)
+REFS_FILES = {"refcoco": "refs(unc).p", "refcoco+": "refs(unc).p", "refcocog": "refs(umd).p",
+              "grefcoco": "grefs(unc).json"}
+
+
+def evaluation_image_ids(refer_root: str | Path, datasets: list[str], require_all: bool = True) -> set[int]:
+    """COCO image ids used by any non-train split of the given refer datasets."""
+    ids: set[int] = set()
+    for name in datasets:
+        path = Path(refer_root) / name / REFS_FILES[name]
+        if not path.exists():
+            if require_all:
+                raise DatasetNotFoundError(name, path, REFER_LAYOUT)
+            log.warning("exclusion list: %s not found, its val/test images cannot be excluded", path)
+            continue
+        refs = json.loads(path.read_text()) if path.suffix == ".json" else load_plain_pickle(path)
+        ids |= {int(r["image_id"]) for r in refs if r.get("split") != "train"}
+    return ids
+
+
+class CocoInstances(torch.utils.data.Dataset):
+    """COCO images with their non-crowd instance masks and ``XYXY`` boxes, minus excluded images."""
+
+    def __init__(self, instances: str | Path, image_dir: str | Path, exclude: set[int], min_area: int = 16,
+                 max_instances: int = 16) -> None:
+        require("coco", "<data_dir>/coco/annotations/instances_train2014.json + coco/train2014/*.jpg",
+                Path(instances), Path(image_dir))
+        data = json.loads(Path(instances).read_text())
+        self.image_dir, self.max_instances = Path(image_dir), max_instances
+        anns: dict[int, list[dict[str, Any]]] = {}
+        for a in data["annotations"]:
+            if not a.get("iscrowd", 0) and a.get("area", min_area) >= min_area:
+                anns.setdefault(int(a["image_id"]), []).append(a)
+        self.images = [im for im in data["images"] if int(im["id"]) not in exclude and int(im["id"]) in anns]
+        self.anns = anns
+        self.excluded = sum(int(im["id"]) in exclude for im in data["images"])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        im = self.images[i]
+        image = load_image(self.image_dir / im["file_name"])
+        h, w = image.shape[:2]
+        anns = self.anns[int(im["id"])][: self.max_instances]
+        masks = np.stack([decode_segmentation(a["segmentation"], h, w) for a in anns])
+        boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                          for a in anns], dtype=np.float64)
+        return image, masks, boxes
+
+
+def sam_loss(logits: torch.Tensor, target: torch.Tensor, iou_pred: torch.Tensor) -> torch.Tensor:
+    """SAM's training loss: 20 x focal + dice on the mask, MSE of the predicted IoU."""
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = prob * target + (1 - prob) * (1 - target)
+    alpha_t = 0.25 * target + 0.75 * (1 - target)
+    focal = (alpha_t * ce * (1 - p_t) ** 2).flatten(1).mean(1)
+    inter = (prob * target).flatten(1).sum(1)
+    dice = 1 - (2 * inter + 1) / (prob.flatten(1).sum(1) + target.flatten(1).sum(1) + 1)
+    with torch.no_grad():
+        hard = (logits > 0).float()
+        i = (hard * target).flatten(1).sum(1)
+        u = ((hard + target) > 0).float().flatten(1).sum(1)
+        true_iou = i / u.clamp(min=1)
+    return (20 * focal + dice + F.mse_loss(iou_pred.squeeze(1), true_iou, reduction="none")).mean()
+
+
+def decoder_step(segmenter: Any, image: np.ndarray, masks: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
+    """Loss of one image's instances, gradients flowing only into the mask decoder."""
+    p, model = segmenter.predictor, segmenter.model
+    p.set_image(image)
+    features = p.features.clone()  # set_image runs in inference mode; a clone can enter autograd
+    box = torch.as_tensor(p.transform.apply_boxes(boxes, p.original_size), dtype=torch.float, device=features.device)
+    with torch.no_grad():
+        sparse, dense = model.prompt_encoder(points=None, boxes=box, masks=None)
+    low, iou = model.mask_decoder(image_embeddings=features, image_pe=model.prompt_encoder.get_dense_pe(),
+                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                  multimask_output=False)
+    logits = model.postprocess_masks(low, p.input_size, p.original_size)[:, 0]
+    return sam_loss(logits, torch.as_tensor(masks, dtype=torch.float, device=logits.device), iou)
+
+
+def finetune_decoder(cfg: Any, segmenter: Any = None) -> Path:
+    """Train the mask decoder of ``cfg.sam`` on ``cfg.coco``; save ``mask_decoder.safetensors``.
+
+    Returns the checkpoint path; ``train_log.json`` beside it holds the per-step losses.
+    """
+    from hydra.utils import instantiate
+    from safetensors.torch import save_file
+
+    segmenter = segmenter or instantiate(cfg.sam)
+    if not hasattr(segmenter, "predictor"):
+        raise ValueError(f"{segmenter.name} has no SAM mask decoder to fine-tune; choose a SAM-family sam/ config")
+    out_dir = Path(cfg.out_dir)
+    ckpt = out_dir / "mask_decoder.safetensors"
+    if ckpt.exists() and not cfg.overwrite:
+        raise FileExistsError(f"{ckpt} exists; set overwrite=true or choose another out_dir")
+    exclude = evaluation_image_ids(cfg.exclude.refer_root, list(cfg.exclude.datasets), cfg.exclude.require_all)
+    data = CocoInstances(cfg.coco.instances, cfg.coco.image_dir, exclude, max_instances=cfg.max_instances)
+    log.info("fine-tuning on %d images (%d excluded as refer val/test images)", len(data), data.excluded)
+
+    torch.manual_seed(cfg.seed)
+    model = segmenter.model
+    model.requires_grad_(False)
+    model.mask_decoder.requires_grad_(True)
+    model.mask_decoder.train()
+    opt = torch.optim.AdamW(model.mask_decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    losses: list[float] = []
+    for epoch in range(cfg.epochs):
+        for i in tqdm(rng.permutation(len(data)), desc=f"decoder epoch {epoch + 1}/{cfg.epochs}",
+                      disable=not cfg.progress):
+            loss = decoder_step(segmenter, *data[int(i)])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    model.mask_decoder.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt.with_suffix(".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.mask_decoder.state_dict().items()}, str(tmp))
+    tmp.replace(ckpt)
+    (out_dir / "train_log.json").write_text(json.dumps({"losses": losses, "images": len(data),
+                                                        "excluded_images": data.excluded}))
+    return ckpt

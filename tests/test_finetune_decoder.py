@@ -1,0 +1,73 @@
+"""SAM mask-decoder fine-tuning: exclusion of refer val/test images, loss, checkpoint round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from sam4mllm import CONFIG_DIR
+from sam4mllm.data.refer import ReferDataset
+from sam4mllm.sam.finetune import CocoInstances, evaluation_image_ids, finetune_decoder
+from sam4mllm.sam.sam_family import build_segment_anything
+
+TINY = {"embed_dim": 96, "depth": 2, "num_heads": 2, "global_attn_indexes": [1]}
+
+
+def _cfg(synthetic, tmp_path, *extra):
+    root = synthetic.root
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="finetune_sam_decoder", overrides=[
+            f"coco.instances={root}/refer_seg/refcoco/instances.json", f"coco.image_dir={root}/coco/train2014",
+            f"exclude.refer_root={root}/refer_seg", "exclude.datasets=[refcoco,grefcoco]", f"out_dir={tmp_path}",
+            "progress=false", *extra])
+
+
+def test_every_refer_val_and_test_image_is_excluded(synthetic):
+    root = synthetic.root
+    excluded = evaluation_image_ids(root / "refer_seg", ["refcoco", "grefcoco"])
+    held_out = {s.image_id for split in ("val", "testA", "testB")
+                for s in ReferDataset(root / "refer_seg", "refcoco", split, root / "coco/train2014")}
+    assert held_out and held_out <= excluded
+    data = CocoInstances(root / "refer_seg/refcoco/instances.json", root / "coco/train2014", excluded)
+    ids = {int(im["id"]) for im in data.images}
+    assert not ids & excluded and data.excluded == len(excluded)
+    train_ids = {s.image_id for s in ReferDataset(root / "refer_seg", "refcoco", "train", root / "coco/train2014")}
+    assert ids == train_ids
+
+
+def test_missing_exclusion_list_refuses_by_default(synthetic):
+    from sam4mllm.data import DatasetNotFoundError
+
+    with pytest.raises(DatasetNotFoundError, match=r"refcoco\+"):
+        evaluation_image_ids(synthetic.root / "refer_seg", ["refcoco", "refcoco+"])
+    assert evaluation_image_ids(synthetic.root / "refer_seg", ["refcoco", "refcoco+"], require_all=False)
+
+
+def test_only_the_decoder_trains_the_loss_falls_and_the_checkpoint_loads(synthetic, tmp_path):
+    torch.manual_seed(0)
+    seg = build_segment_anything("vit_b", allow_random_init=True, encoder=TINY)
+    frozen = {k: v.clone() for k, v in seg.model.state_dict().items() if not k.startswith("mask_decoder")}
+    ckpt = finetune_decoder(_cfg(synthetic, tmp_path, "epochs=4", "lr=3e-4"), seg)
+    import json
+
+    losses = json.loads((tmp_path / "train_log.json").read_text())["losses"]
+    per_epoch = np.array(losses).reshape(4, -1).mean(1)
+    assert per_epoch[-1] < 0.7 * per_epoch[0], per_epoch
+    for k, v in seg.model.state_dict().items():
+        if k in frozen:
+            assert torch.equal(v, frozen[k]), f"{k} changed"
+    torch.manual_seed(0)
+    reloaded = build_segment_anything("vit_b", allow_random_init=True, encoder=TINY, decoder_checkpoint=str(ckpt))
+    for k, v in seg.model.mask_decoder.state_dict().items():
+        assert torch.equal(v, reloaded.model.mask_decoder.state_dict()[k])
+    with pytest.raises(FileExistsError, match="overwrite"):
+        finetune_decoder(_cfg(synthetic, tmp_path), seg)
+
+
+def test_grabcut_has_no_decoder(synthetic, tmp_path):
+    from sam4mllm.sam.grabcut import GrabCutSegmenter
+
+    with pytest.raises(ValueError, match="no SAM mask decoder"):
+        finetune_decoder(_cfg(synthetic, tmp_path), GrabCutSegmenter())
