@@ -66,6 +66,7 @@ class VQADataset(SegDataset):
                 "expression": str(q["question"]),
                 "answers": human,
                 "answer_type": ann.get("answer_type"),
+                "multiple_choice_answer": str(ann.get("multiple_choice_answer") or max(human, key=human.count)),
                 "question_type": ann.get("question_type"),
                 "task": "vqa",
             })
@@ -83,5 +84,5 @@ class VQADataset(SegDataset):
             sample_id=f"{self.name}/{self.split}/{record['question_id']}",
             image_path=record["image_path"],
             answers=record["answers"],
-            meta={k: record[k] for k in ("question_id", "answer_type", "question_type")},
+            meta={k: record[k] for k in ("question_id", "answer_type", "question_type", "multiple_choice_answer")},
         )

@@ -1,0 +1,98 @@
+"""SAM4MLLM dialogs: what the user asks and what the assistant answers, as text turns.
+
+* **PPG** -- one turn: the expression in, box + points per target out.
+* **PQPP** -- round 1: the expression in, a box per target out. Round 2 asks about
+  points in each box, either one question per point answered ``Yes``/``No`` (the
+  paper) or all points of a box in one turn answered by the labels run together,
+  e.g. ``NoYesYes`` (the official code).
+* **GRES** -- several targets are written one after another; no target is the codec's
+  no-target phrase and has no round 2.
+* **VQA** -- the question in, the short answer out.
+
+Coordinates here are already in the backbone's integer units (see
+:mod:`sam4mllm.coords`); the codec formats them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sam4mllm.codec import Point, PromptFormat, TargetPrompt
+
+BOX_PROMPT = 'Please provide the bounding box coordinate of the region this sentence describes ({n}): "{expr}"'
+PPG_PROMPT = ('Please provide the bounding box and the prompt points of the region this sentence describes '
+              '({n}): "{expr}"')
+POINT_PROMPT = "Is the point {point} located on the object with coordinates {box}?"
+JOINT_PROMPT = "Check if the points listed below are located on the object with coordinates {box}:\n{points}"
+VQA_PROMPT = "{question}\nAnswer the question using a single word or phrase."
+YES, NO = "Yes", "No"
+PQPP_MODES = ("per_point", "joint")
+
+
+@dataclass
+class Dialog:
+    """User/assistant turn pairs; the image goes with the first user turn."""
+
+    turns: list[tuple[str, str]] = field(default_factory=list)
+
+    def messages(self, with_answers: bool = True) -> list[dict[str, object]]:
+        """Chat messages in the ``transformers`` chat-template layout."""
+        out: list[dict[str, object]] = []
+        for k, (user, answer) in enumerate(self.turns):
+            content: list[dict[str, str]] = [{"type": "image"}] if k == 0 else []
+            out.append({"role": "user", "content": [*content, {"type": "text", "text": user}]})
+            if with_answers:
+                out.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return out
+
+
+def count_hint(task: str) -> str:
+    """The official ``(N)`` hint: ``1`` for one target, ``0+`` for gRefCOCO-style data."""
+    return "0+" if task == "gres" else "1"
+
+
+def ppg_dialog(expression: str, targets: Sequence[TargetPrompt], task: str, fmt: PromptFormat) -> Dialog:
+    """One turn: box and labelled points of every target (or the no-target phrase)."""
+    return Dialog([(PPG_PROMPT.format(n=count_hint(task), expr=expression), fmt.encode(targets))])
+
+
+def box_question(expression: str, task: str) -> str:
+    """PQPP round 1's question (also the box-only prompt)."""
+    return BOX_PROMPT.format(n=count_hint(task), expr=expression)
+
+
+def point_question(fmt: PromptFormat, box: Sequence[int], point: Point) -> str:
+    """PQPP per-point question about one point of one box."""
+    return POINT_PROMPT.format(point=fmt.point_text(point.x, point.y), box=fmt.box_text(box))
+
+
+def joint_question(fmt: PromptFormat, box: Sequence[int], points: Sequence[Point]) -> str:
+    """PQPP joint question listing every point of one box (official code)."""
+    return JOINT_PROMPT.format(box=fmt.box_text(box), points=" ".join(fmt.point_text(p.x, p.y) for p in points))
+
+
+def yes_no(inside: bool) -> str:
+    """The answer word for one point."""
+    return YES if inside else NO
+
+
+def pqpp_dialog(
+    expression: str, targets: Sequence[TargetPrompt], task: str, fmt: PromptFormat, mode: str = "per_point"
+) -> Dialog:
+    """Round 1 (boxes) then round 2 (points of each box), per point or jointly."""
+    if mode not in PQPP_MODES:
+        raise ValueError(f"unknown PQPP dialog mode {mode!r}: use one of {PQPP_MODES}")
+    boxes_only = [TargetPrompt(t.box) for t in targets]
+    turns = [(box_question(expression, task), fmt.encode(boxes_only))]
+    for t in targets:
+        if mode == "joint":
+            turns.append((joint_question(fmt, t.box, t.points), "".join(yes_no(p.inside) for p in t.points)))
+        else:
+            turns += [(point_question(fmt, t.box, p), yes_no(p.inside)) for p in t.points]
+    return Dialog(turns)
+
+
+def vqa_dialog(question: str, answer: str) -> Dialog:
+    """One VQA turn."""
+    return Dialog([(VQA_PROMPT.format(question=question), answer)])

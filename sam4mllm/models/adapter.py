@@ -1,0 +1,260 @@
+"""Backbone adapters: everything that differs between MLLM families lives here.
+
+An adapter owns the chat template and image processing (through the model folder's
+own processor), the box/point text format and coordinate system, the ``Yes``/``No``
+token ids, the LoRA target modules and the vision projector/resampler that trains in
+full. Adding a family is one :class:`FamilySpec` entry and one ``model/`` config.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sam4mllm.codec import Point, PromptFormat, TargetPrompt, get_format
+from sam4mllm.coords import CoordSystem, Grid, ResizedPixels, Size
+from sam4mllm.dialogs import NO, YES, Dialog
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+_LM_LINEARS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What a backbone family does differently."""
+
+    prompt_format: str
+    coords: str                     # "grid" (0..999) or "resized" (pixels of the resized input)
+    assistant_header: str           # text that opens an assistant turn in the chat template
+    turn_end: str                   # the single token that closes a turn
+    lora_regex: str                 # LLM linear layers that get LoRA
+    trainable: tuple[str, ...]      # projector / resampler modules trained in full
+    trust_remote_code: bool = False
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    "qwen2vl": FamilySpec("qwen2vl", "grid", "<|im_start|>assistant\n", "<|im_end|>", _LM_LINEARS,
+                          ("model.visual.merger",)),
+    "qwen2_5vl": FamilySpec("json", "resized", "<|im_start|>assistant\n", "<|im_end|>", _LM_LINEARS,
+                            ("model.visual.merger",)),
+    "qwen3vl": FamilySpec("qwen2vl", "grid", "<|im_start|>assistant\n", "<|im_end|>", _LM_LINEARS,
+                          ("model.visual.merger", "model.visual.deepstack_merger_list")),
+    "llava_next": FamilySpec("official", "grid", "[/INST]", "</s>", _LM_LINEARS, ("model.multi_modal_projector",)),
+    # Qwen-VL-Chat v1 (the paper's backbone) exists only as remote code in its model folder.
+    "qwenvl": FamilySpec("qwenvl", "grid", "<|im_start|>assistant\n", "<|im_end|>",
+                         r"transformer\.h\.\d+\.(attn\.(c_attn|c_proj)|mlp\.(w1|w2|c_proj))",
+                         ("transformer.visual.attn_pool",), trust_remote_code=True),
+}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class SampleTooLongError(ValueError):
+    """Even the first turn alone exceeds ``max_length``."""
+
+
+@dataclass
+class Encoded:
+    """One tokenised dialog: model inputs plus ``labels`` (-100 outside assistant answers)."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    dropped_turns: int = 0
+
+    @property
+    def length(self) -> int:
+        return int(self.labels.shape[-1])
+
+
+class Adapter:
+    """Loads a backbone from a local folder and speaks SAM4MLLM dialogs with it.
+
+    Args:
+        family: a key of :data:`FAMILIES`.
+        path: local model folder (``save_pretrained`` layout); nothing is fetched.
+        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        trust_remote_code: required (and only honoured) for families that need it;
+            off unless the user turns it on.
+        max_length: longest tokenised dialog; longer ones lose whole trailing turns.
+        prompt_format: overrides the family's box/point text format.
+    """
+
+    def __init__(self, family: str, path: str | Path, dtype: str = "float32", device: str = "cpu",
+                 trust_remote_code: bool = False, max_length: int = 2048, prompt_format: str | None = None,
+                 attn_implementation: str | None = None) -> None:
+        if family not in FAMILIES:
+            raise ValueError(f"unknown backbone family {family!r}; choose one of {sorted(FAMILIES)}")
+        self.family, self.spec, self.max_length = family, FAMILIES[family], max_length
+        self.path = Path(path)
+        if not (self.path / "config.json").exists():
+            raise FileNotFoundError(
+                f"{family}: no model folder at {self.path} (expected config.json, weights, tokenizer and processor "
+                "files as written by save_pretrained). Download the checkpoint and set model.path=<folder>."
+            )
+        if self.spec.trust_remote_code and not trust_remote_code:
+            raise ValueError(f"{family} runs remote code from {self.path}; set model.trust_remote_code=true "
+                             "only if you trust that folder")
+        self.fmt: PromptFormat = get_format(prompt_format or self.spec.prompt_format)
+        self.processor, self.model = self._load(dtype, device, trust_remote_code, attn_implementation)
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.yes_id, self.no_id = self._single_token(YES), self._single_token(NO)
+        self.end_id = self._single_token(self.spec.turn_end)
+        self.header_ids = self.tokenizer.encode(self.spec.assistant_header, add_special_tokens=False)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
+
+    # ----------------------------------------------------------------- loading
+    def _load(self, dtype: str, device: str, trust_remote_code: bool, attn: str | None) -> tuple[Any, Any]:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        kw: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+        model_kw = {**kw, "dtype": DTYPES[dtype]}
+        if attn:
+            model_kw["attn_implementation"] = attn
+        processor = AutoProcessor.from_pretrained(self.path, **kw)
+        model = AutoModelForImageTextToText.from_pretrained(self.path, **model_kw).to(device)
+        return processor, model
+
+    def _single_token(self, text: str) -> int:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"{self.family}: {text!r} is {len(ids)} tokens in this tokenizer; it must be one")
+        return int(ids[0])
+
+    # ------------------------------------------------------------- coordinates
+    def coord_system(self) -> CoordSystem:
+        """The integer coordinate system the backbone writes boxes in."""
+        if self.spec.coords == "grid":
+            return Grid()
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        ip = self.processor.image_processor
+        factor = ip.patch_size * ip.merge_size
+        lo, hi = ip.size["shortest_edge"], ip.size["longest_edge"]
+        return ResizedPixels(resize=lambda hw: smart_resize(hw[0], hw[1], factor, lo, hi))
+
+    def to_model_targets(self, targets: Sequence[dict[str, Any]], size: Size) -> list[TargetPrompt]:
+        """Pixel-space labels (``box``, ``points``, ``labels``) -> integer :class:`TargetPrompt` s."""
+        cs, out = self.coord_system(), []
+        for t in targets:
+            box = tuple(int(v) for v in cs.to_model(np.asarray(t["box"], float), size))
+            pts = cs.to_model(np.asarray(t.get("points", []), float).reshape(-1, 2), size)
+            out.append(TargetPrompt(box, tuple(Point(int(x), int(y), bool(lab))  # type: ignore[arg-type]
+                                               for (x, y), lab in zip(pts, t.get("labels", []), strict=True))))
+        return out
+
+    # -------------------------------------------------------------- tokenising
+    def render(self, dialog: Dialog, with_last_answer: bool = True) -> str:
+        """Chat-template text of a dialog (the last answer left open for generation if asked)."""
+        msgs = dialog.messages()
+        if not with_last_answer:
+            msgs = msgs[:-1]
+        return self.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=not with_last_answer)
+
+    def model_inputs(self, text: str, image: np.ndarray) -> dict[str, torch.Tensor]:
+        """Processor outputs (ids with image tokens expanded, pixels, grid sizes) for one text + image."""
+        return dict(self.processor(text=[text], images=[image], return_tensors="pt"))
+
+    def answer_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """True on assistant answer tokens and their closing token: where the loss falls."""
+        ids, h = input_ids.tolist(), self.header_ids
+        mask = torch.zeros(len(ids), dtype=torch.bool)
+        i = 0
+        while i < len(ids):
+            if ids[i:i + len(h)] == h:
+                j = i + len(h)
+                while j < len(ids) and ids[j] != self.end_id:
+                    j += 1
+                mask[i + len(h):min(j + 1, len(ids))] = True
+                i = j
+            i += 1
+        return mask
+
+    def encode(self, dialog: Dialog, image: np.ndarray) -> Encoded:
+        """Tokenise a training dialog; whole trailing turns are dropped to fit ``max_length``."""
+        turns = list(dialog.turns)
+        for keep in range(len(turns), 0, -1):
+            inputs = self.model_inputs(self.render(Dialog(turns[:keep])), image)
+            ids = inputs["input_ids"][0]
+            if len(ids) <= self.max_length:
+                labels = torch.where(self.answer_mask(ids), ids, torch.full_like(ids, IGNORE_INDEX))
+                return Encoded(inputs, labels[None], dropped_turns=len(turns) - keep)
+        raise SampleTooLongError(f"the first turn alone is {len(ids)} tokens > max_length {self.max_length}")
+
+    def collate(self, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        """Right-pad a batch; image tensors are concatenated as the processor lays them out."""
+        n = max(e.length for e in batch)
+        out: dict[str, list[torch.Tensor]] = {}
+        pad_values = {"input_ids": self.pad_id, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
+        for e in batch:
+            fields = {**e.inputs, "labels": e.labels}
+            for k, v in fields.items():
+                if k in pad_values or k == "labels":
+                    fill = IGNORE_INDEX if k == "labels" else pad_values[k]
+                    v = torch.nn.functional.pad(v, (0, n - v.shape[-1]), value=fill)
+                out.setdefault(k, []).append(v)
+        return {k: torch.cat(v, 0) for k, v in out.items()}
+
+    # --------------------------------------------------------------- training
+    def trainable_module_names(self) -> list[str]:
+        """Full names of the projector/resampler modules present in this model."""
+        names = dict(self.model.named_modules())
+        return [m for m in self.spec.trainable if m in names]
+
+
+class QwenVLChatAdapter(Adapter):
+    """Qwen-VL-Chat v1 (the paper's main backbone) through the remote code in its model folder.
+
+    Its tokenizer reads images as file paths inside ``<img>...</img>``, so each image is
+    written once to a cache folder and referenced by path. transformers has no native
+    implementation and the remote code cannot be fetched here, so this adapter is not
+    exercised by the offline tests; it needs ``trust_remote_code=true``.
+    """
+
+    IMAGE_PLACEHOLDER = "<|sam4mllm_image|>"
+
+    def _load(self, dtype: str, device: str, trust_remote_code: bool, attn: str | None) -> tuple[Any, Any]:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        kw: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+        tok = AutoTokenizer.from_pretrained(self.path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=DTYPES[dtype], **kw).to(device)
+        self._image_dir = Path(self.path) / ".sam4mllm_images"
+        return tok, model
+
+    def render(self, dialog: Dialog, with_last_answer: bool = True) -> str:
+        parts = ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"]
+        for k, (user, answer) in enumerate(dialog.turns):
+            last = k == len(dialog.turns) - 1
+            image = f"Picture 1: {self.IMAGE_PLACEHOLDER}\n" if k == 0 else ""
+            parts.append(f"<|im_start|>user\n{image}{user}<|im_end|>\n<|im_start|>assistant\n")
+            if with_last_answer or not last:
+                parts.append(f"{answer}<|im_end|>\n")
+        return "".join(parts)
+
+    def model_inputs(self, text: str, image: np.ndarray) -> dict[str, torch.Tensor]:
+        from PIL import Image
+
+        from sam4mllm.sam.base import image_digest
+
+        path = self._image_dir / f"{image_digest(image)}.png"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(path)
+        return dict(self.tokenizer(text.replace(self.IMAGE_PLACEHOLDER, f"<img>{path}</img>"), return_tensors="pt"))
+
+
+def build_adapter(family: str, path: str, tiny: dict[str, Any] | None = None, **kwargs: Any) -> Adapter:
+    """An :class:`Adapter`; with ``tiny`` sizes, the tiny random-init folder at ``path`` is built first."""
+    if tiny is not None:
+        from sam4mllm.models.tiny import TinySpec, build_tiny
+
+        build_tiny(TinySpec(family=family, **tiny), path)
+    cls = QwenVLChatAdapter if family == "qwenvl" else Adapter
+    return cls(family, path, **kwargs)

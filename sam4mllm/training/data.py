@@ -1,0 +1,107 @@
+"""Training examples: label shards and VQAv2 turned into dialogs, mixed by per-source ratios.
+
+No augmentation: flips and crops would change "left"/"right" (paper §3.3).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sam4mllm.data.base import load_image
+from sam4mllm.dialogs import Dialog, ppg_dialog, pqpp_dialog, vqa_dialog
+from sam4mllm.models.adapter import Adapter, Encoded, SampleTooLongError
+from sam4mllm.shards import read_shard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Example:
+    """One training conversation before tokenisation."""
+
+    image_path: Path
+    kind: str                       # "seg" or "vqa"
+    expression: str
+    task: str = "res"
+    targets: list[dict[str, Any]] | None = None
+    answer: str | None = None
+
+
+def label_examples(path: str | Path, variant: str) -> list[Example]:
+    """One example per sentence of a merged ``labels.jsonl`` (its header must match ``variant``)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(
+            f"label file {path} is missing; generate it with\n"
+            f"  python scripts/gen_labels.py +exp={variant} dataset=<the dataset it belongs to>"
+        )
+    header, records = read_shard(Path(path))
+    if header.get("variant") != variant:
+        raise ValueError(f"{path} holds {header.get('variant')} labels but this run trains {variant}")
+    out = []
+    for r in records:
+        for s in r["samples"]:
+            out.append(Example(Path(r["image_path"]), "seg", s["expression"], s["task"], s["targets"]))
+    return out
+
+
+def vqa_examples(dataset: Any) -> list[Example]:
+    """One example per VQA question, answered with its most common human answer."""
+    return [Example(Path(r["image_path"]), "vqa", r["expression"], "vqa", answer=r["multiple_choice_answer"])
+            for r in dataset.records]
+
+
+class MixtureDataset(torch.utils.data.Dataset):
+    """A weighted mixture of sources, tokenised on access.
+
+    ``sources`` maps a name to ``(examples, ratio)``: each epoch draws
+    ``round(len * ratio)`` examples from a source (without replacement while they
+    last), then shuffles all draws together; both depend only on ``seed`` and the epoch.
+    """
+
+    def __init__(self, sources: dict[str, tuple[list[Example], float]], adapter: Adapter, variant: str,
+                 pqpp_mode: str = "per_point", seed: int = 0) -> None:
+        self.sources, self.adapter, self.variant, self.pqpp_mode, self.seed = sources, adapter, variant, pqpp_mode, seed
+        self.stats: Counter[str] = Counter()
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's examples."""
+        rng = np.random.default_rng([self.seed, epoch])
+        draws: list[tuple[str, int]] = []
+        for name, (examples, ratio) in sorted(self.sources.items()):
+            n = round(len(examples) * ratio)
+            idx = np.concatenate([rng.permutation(len(examples)) for _ in range(-(-n // max(len(examples), 1)))])
+            draws += [(name, int(i)) for i in idx[:n]]
+        self.items = [draws[i] for i in rng.permutation(len(draws))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def dialog(self, ex: Example, size: tuple[int, int]) -> Dialog:
+        """The training dialog of one example."""
+        if ex.kind == "vqa":
+            return vqa_dialog(ex.expression, ex.answer or "")
+        targets = self.adapter.to_model_targets(ex.targets or [], size)
+        if self.variant == "ppg":
+            return ppg_dialog(ex.expression, targets, ex.task, self.adapter.fmt)
+        return pqpp_dialog(ex.expression, targets, ex.task, self.adapter.fmt, self.pqpp_mode)
+
+    def __getitem__(self, i: int) -> Encoded | None:
+        name, j = self.items[i]
+        ex = self.sources[name][0][j]
+        image = load_image(ex.image_path)
+        try:
+            enc = self.adapter.encode(self.dialog(ex, image.shape[:2]), image)
+        except SampleTooLongError:
+            self.stats["too_long"] += 1
+            return None
+        self.stats["dropped_turns"] += enc.dropped_turns
+        self.stats["truncated_samples"] += enc.dropped_turns > 0
+        return enc

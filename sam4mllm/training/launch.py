@@ -1,0 +1,25 @@
+"""Launcher glue shared by the scripts."""
+
+from __future__ import annotations
+
+import os
+
+
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """Remove the ``--local_rank=N`` (or ``--local_rank N``) the deepspeed launcher adds.
+
+    Hydra would reject it; the rank is kept in ``LOCAL_RANK`` where the trainer reads it.
+    """
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+        else:
+            out.append(a)
+    return out

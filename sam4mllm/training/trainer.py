@@ -1,0 +1,376 @@
+"""``train(cfg)``: LoRA (or, for tiny models, full) fine-tuning under DeepSpeed or plain PyTorch.
+
+What trains (paper §4.1): peft LoRA on the LLM's linear layers plus the vision
+projector/resampler in full; nothing else. Lion, cosine schedule with warm-up, per-device
+micro-batch with gradient accumulation. Checkpoints hold the trainable weights,
+optimizer, scheduler, step, data position and RNG state, and a resumed run follows the
+same loss curve as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from sam4mllm.data import build_dataset
+from sam4mllm.training.data import MixtureDataset, label_examples, vqa_examples
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------- distribution
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _init_distributed(use_deepspeed: bool) -> None:
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1 and not use_deepspeed:
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend)
+    elif not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(_device())
+
+
+def _mean_across_ranks(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+        t /= world()
+    return t.tolist()
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated, or the process's peak resident memory on the CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------- model
+def apply_finetuning(adapter: Any, train_cfg: Any) -> dict[str, int]:
+    """Make exactly the intended parameters trainable; return trainable counts per module group."""
+    model = adapter.model
+    if train_cfg.finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=train_cfg.lora.r, lora_alpha=train_cfg.lora.alpha, lora_dropout=train_cfg.lora.dropout,
+                          target_modules=adapter.spec.lora_regex, modules_to_save=adapter.trainable_module_names(),
+                          bias="none")
+        model = get_peft_model(model, lora)
+    elif train_cfg.finetune == "full":
+        model.requires_grad_(True)
+    else:
+        raise ValueError(f"train.finetune must be lora or full, got {train_cfg.finetune!r}")
+    if train_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if train_cfg.finetune == "lora":
+            model.enable_input_require_grads()
+    adapter.model = model
+    return trainable_counts(model)
+
+
+def trainable_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Trainable parameters grouped as ``lora``, ``projector`` (modules_to_save) or ``other``."""
+    counts = {"lora": 0, "projector": 0, "other": 0}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = "lora" if "lora_" in name else "projector" if "modules_to_save" in name else "other"
+            counts[key] += p.numel()
+    return counts
+
+
+# --------------------------------------------------------------------------- recipe
+class Trainer:
+    """One training run: ``setup``, ``train``, ``save_checkpoint``, ``cleanup``."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg, self.t = cfg, cfg.train
+        self.run_dir = Path(cfg.run_dir)
+        self.use_ds = bool(cfg.deepspeed.get("enabled", False))
+        self.step = 0            # optimizer steps done
+        self.epoch = 0
+        self.micro = 0           # micro-batches consumed in the current epoch (this rank)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        _init_distributed(self.use_ds)
+        if self.run_dir.exists() and any(self.run_dir.iterdir()) and not self.cfg.resume:
+            raise FileExistsError(f"{self.run_dir} exists; set resume=true to continue it or choose another run_dir")
+        barrier()
+        self._seed(self.t.seed)
+        self.adapter = instantiate(self.cfg.model)
+        self.counts = apply_finetuning(self.adapter, self.t)
+        self.data = self._dataset()
+        # Accumulation windows may span epochs (as DeepSpeed counts micro-steps), so the
+        # total counts micro-batches over all epochs.
+        micro_per_epoch = math.ceil(self._rank_len() / self.t.micro_batch_size)
+        self.total_steps = self.t.max_steps or self.t.epochs * micro_per_epoch // self.t.grad_accum
+        if self.total_steps < 1:
+            raise ValueError(f"{len(self.data)} examples give no optimizer step at micro-batch "
+                             f"{self.t.micro_batch_size} x accumulation {self.t.grad_accum} x {world()} ranks")
+        self._build_optimization()
+        if self.cfg.resume:
+            self._load_checkpoint()
+        if rank() == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+            log.info("trainable parameters: %s; %d examples; %d optimizer steps", self.counts, len(self.data),
+                     self.total_steps)
+        self._wandb = self._init_wandb()
+
+    def _seed(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _dataset(self) -> MixtureDataset:
+        sources = {}
+        for name, src in self.cfg.data.sources.items():
+            if src.kind == "labels":
+                examples = label_examples(src.path, self.cfg.variant)
+            else:
+                examples = vqa_examples(build_dataset(src.dataset, src.dataset.split))
+            sources[name] = (examples, float(src.ratio))
+        return MixtureDataset(sources, self.adapter, self.cfg.variant, self.cfg.pqpp_mode, self.t.seed)
+
+    def _rank_len(self) -> int:
+        return math.ceil(len(self.data) / world())
+
+    def _build_optimization(self) -> None:
+        from transformers import get_cosine_schedule_with_warmup
+
+        params = [p for p in self.adapter.model.parameters() if p.requires_grad]
+        opt = instantiate(self.t.optimizer)(params)  # _partial_: the params arrive here
+        warmup = math.ceil(self.t.warmup_ratio * self.total_steps)
+        sched = get_cosine_schedule_with_warmup(opt, warmup, self.total_steps)
+        model = self.adapter.model
+        if self.use_ds:
+            import deepspeed
+
+            ds_cfg = OmegaConf.to_container(self.cfg.deepspeed, resolve=True)
+            ds_cfg.pop("enabled", None)
+            ds_cfg |= {"train_micro_batch_size_per_gpu": self.t.micro_batch_size,
+                       "gradient_accumulation_steps": self.t.grad_accum,
+                       "fp16": {"enabled": self.t.precision == "fp16"},
+                       "bf16": {"enabled": self.t.precision == "bf16"}}
+            if self.t.precision == "fp32":
+                ds_cfg.pop("fp16"), ds_cfg.pop("bf16")
+            self.engine, self.opt, _, self.sched = deepspeed.initialize(
+                model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
+        else:
+            model.to(_device())
+            if world() > 1:
+                model = torch.nn.parallel.DistributedDataParallel(model)
+            self.engine, self.opt, self.sched = model, opt, sched
+
+    # -------------------------------------------------------------- batches
+    def _batches(self):
+        """This rank's micro-batches of the current epoch, from position ``self.micro``."""
+        self.data.set_epoch(self.epoch)
+        order = list(range(len(self.data)))
+        per_rank = self._rank_len()
+        order += order[: per_rank * world() - len(order)]  # equal length on every rank
+        mine = order[rank()::world()]
+        bs = self.t.micro_batch_size
+        for start in range(self.micro * bs, len(mine), bs):
+            items = [e for e in (self.data[i] for i in mine[start:start + bs]) if e is not None]
+            self.micro += 1
+            yield self.adapter.collate(items) if items else None
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        dev = _device()
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        if self.t.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.t.precision == "bf16" else torch.float16
+            batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+        return self.engine(**batch).loss
+
+    # ----------------------------------------------------------------- train
+    def train(self) -> list[dict[str, float]]:
+        """Run to ``total_steps``; returns the logged records of this process."""
+        history: list[dict[str, float]] = []
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train",
+                   disable=rank() != 0 or not self.cfg.progress)
+        self.engine.train()
+        t0, tokens, window = time.perf_counter(), 0, []
+        while self.step < self.total_steps:
+            for batch in self._batches():
+                if batch is None:  # every dialog of the batch was too long (counted)
+                    continue
+                loss = self._forward(batch)
+                tokens += int(batch["attention_mask"].sum())
+                window.append(float(loss.detach()))
+                if self.use_ds:
+                    stepped = self.engine.is_gradient_accumulation_boundary()
+                    self.engine.backward(loss)
+                    self.engine.step()
+                else:
+                    (loss / self.t.grad_accum).backward()
+                    stepped = len(window) == self.t.grad_accum
+                    if stepped:
+                        torch.nn.utils.clip_grad_norm_([p for p in self.engine.parameters() if p.requires_grad],
+                                                       self.t.max_grad_norm)
+                        self.opt.step()
+                        self.sched.step()
+                        self.opt.zero_grad(set_to_none=True)
+                if not stepped:
+                    continue
+                self.step += 1
+                loss_mean, tok = _mean_across_ranks([float(np.mean(window)), float(tokens)])
+                dt = time.perf_counter() - t0
+                rec = {"step": self.step, "loss": loss_mean, "lr": float(self.sched.get_last_lr()[0]),
+                       "tokens_per_s": tok * world() / dt, "peak_mem_mb": peak_memory_mb(), "epoch": self.epoch}
+                history.append(rec)
+                self._log(rec)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_mean:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                t0, tokens, window = time.perf_counter(), 0, []
+                if self.t.save_every and self.step % self.t.save_every == 0:
+                    self.save_checkpoint()
+                if self.step >= self.total_steps:
+                    break
+            else:  # the epoch ran out; an open accumulation window carries on into the next
+                self.epoch, self.micro = self.epoch + 1, 0
+        bar.close()
+        if self.cfg.save_final:
+            self.save_checkpoint()
+            self.save_final()
+        if rank() == 0 and self.data.stats:
+            log.info("dialog truncation: %s", dict(self.data.stats))
+        return history
+
+    def _log(self, rec: dict[str, float]) -> None:
+        if rank() != 0:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(rec, step=int(rec["step"]))
+
+    def _init_wandb(self) -> Any:
+        mode = self.cfg.logger.wandb_mode
+        if rank() != 0 or mode == "disabled":
+            return None
+        import wandb
+
+        return wandb.init(project=self.cfg.logger.project, name=self.run_dir.name, dir=str(self.run_dir), mode=mode,
+                          config=OmegaConf.to_container(self.cfg, resolve=True), resume="allow")
+
+    # ----------------------------------------------------------- checkpoints
+    def _state(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "micro": self.micro,
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+
+    def save_checkpoint(self) -> None:
+        """Save to ``run_dir/checkpoints``; a resume never sees a half-written checkpoint."""
+        ckpt_dir = self.run_dir / "checkpoints"
+        tag = f"step-{self.step:07d}"
+        if self.use_ds:
+            # DeepSpeed writes every rank's shard, then its "latest" pointer: the pointer moves last.
+            self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=self._state())
+        elif rank() == 0:
+            model = self.engine.module if hasattr(self.engine, "module") else self.engine
+            trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+            state = {"model": trainable, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                     **self._state()}
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt_dir / f".{tag}.tmp"
+            torch.save(state, tmp)
+            os.replace(tmp, ckpt_dir / f"{tag}.pt")
+            (ckpt_dir / ".latest.tmp").write_text(tag)
+            os.replace(ckpt_dir / ".latest.tmp", ckpt_dir / "latest")
+        barrier()
+
+    def _load_checkpoint(self) -> None:
+        ckpt_dir = self.run_dir / "checkpoints"
+        if not (ckpt_dir / "latest").exists():
+            raise FileNotFoundError(f"resume=true but {ckpt_dir}/latest does not exist")
+        if self.use_ds:
+            _, state = self.engine.load_checkpoint(str(ckpt_dir))
+        else:
+            tag = (ckpt_dir / "latest").read_text().strip()
+            state = torch.load(ckpt_dir / f"{tag}.pt", map_location="cpu", weights_only=True)
+            model = self.engine.module if hasattr(self.engine, "module") else self.engine
+            missing = set(state["model"]) - {n for n, _ in model.named_parameters()}
+            if missing:
+                raise KeyError(f"checkpoint has parameters the model lacks: {sorted(missing)[:5]}")
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for n, v in state["model"].items():
+                    params[n].copy_(v)
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.micro = state["step"], state["epoch"], state["micro"]
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        log.info("resumed from step %d (epoch %d, micro-batch %d)", self.step, self.epoch, self.micro)
+
+    def save_final(self) -> None:
+        """The final adapter (``save_pretrained``) and processor in ``run_dir/final``."""
+        if rank() == 0:
+            model = self.engine.module if hasattr(self.engine, "module") else self.engine
+            out = self.run_dir / "final"
+            tmp = self.run_dir / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            self.adapter.processor.save_pretrained(tmp)
+            (tmp / "sam4mllm.json").write_text(json.dumps({
+                "family": self.adapter.family, "base": str(self.adapter.path), "finetune": self.t.finetune,
+                "variant": self.cfg.variant, "pqpp_mode": self.cfg.pqpp_mode, "step": self.step}))
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        barrier()
+
+    def cleanup(self) -> None:
+        """Finish logging and leave the process group cleanly."""
+        if self._wandb is not None:
+            self._wandb.finish()
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def train(cfg: Any) -> list[dict[str, float]]:
+    """Set up, train and clean up one run; returns the logged records (rank 0)."""
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        if hasattr(trainer, "_wandb"):
+            trainer.cleanup()
