@@ -23,3 +23,30 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> SyntheticReport:
     """The small synthetic benchmark under a temporary ``data/synthetic``."""
     root = tmp_path_factory.mktemp("data") / "synthetic"
     return generate_synthetic(root, SMALL)
+
+
+@pytest.fixture(scope="session")
+def workspace(synthetic, tmp_path_factory):
+    """A session output folder holding PPG and PQPP labels of the small synthetic benchmark.
+
+    Returns ``compose(name, *overrides)`` for configs pointed at it (tiny models are
+    built into it on first use).
+    """
+    from hydra import compose, initialize_config_dir
+
+    from sam4mllm import CONFIG_DIR
+    from sam4mllm.labels import generate_labels
+
+    out = tmp_path_factory.mktemp("outputs")
+    base = [f"paths.data_dir={synthetic.root.parent}", f"paths.output_dir={out}"]
+
+    def make(name: str, *overrides: str):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose(config_name=name, overrides=[*base, *overrides])
+
+    for variant in ("ppg", "pqpp"):
+        for dataset in ("synthetic", "synthetic_gres"):
+            generate_labels(make("gen_labels", f"+exp={variant}", f"dataset={dataset}", "progress=false"))
+    make.out = out  # type: ignore[attr-defined]
+    make.base = base  # type: ignore[attr-defined]
+    return make

@@ -71,7 +71,7 @@ def load_image(path: Path) -> np.ndarray:
         raise FileNotFoundError(f"image {path} is missing (referenced by the annotations)")
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))  # a writable copy: torch warns on read-only arrays
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise CorruptImageError(f"cannot decode image {path}: {err}") from err
 

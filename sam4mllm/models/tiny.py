@@ -24,6 +24,7 @@ from sam4mllm import dialogs
 from sam4mllm.codec import FORMATS, Point, TargetPrompt
 from sam4mllm.data.synthetic import COLOR_RIDDLES, COLORS, NUMBER_WORDS, SHAPE_RIDDLES, SHAPES, SIZES
 
+BUILDER_VERSION = 1  # bump when the tokenizer corpus or the builder changes, so cached folders rebuild
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -68,7 +69,8 @@ class TinySpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        blob = {"builder": BUILDER_VERSION, **asdict(self)}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def tokenizer_corpus(seed: int = 0, n: int = 4000) -> list[str]:
