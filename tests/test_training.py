@@ -211,3 +211,18 @@ def test_the_literal_command_copes_with_the_launchers_local_rank(workspace, tmp_
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "--local_rank=0" in r.stdout + r.stderr
     assert len(_losses(tmp_path / "lit")) == 1
+
+
+@pytest.mark.parametrize("model", ["qwen2vl_7b", "qwen2_5vl_7b", "qwen3vl_8b", "llava_next_7b", "qwen_vl_chat"])
+def test_paper_size_backbones_fail_clearly_without_their_folder(workspace, model):
+    cfg = workspace("train", f"model={model}", "+exp=pqpp")
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        instantiate(cfg.model)
+
+
+def test_remote_code_stays_off_unless_the_user_turns_it_on(workspace, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    from sam4mllm.models.adapter import build_adapter
+
+    with pytest.raises(ValueError, match="trust_remote_code=true"):
+        build_adapter("qwenvl", str(tmp_path))
