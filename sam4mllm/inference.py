@@ -1,0 +1,340 @@
+"""``Sam4MLLM.segment(image, expression)``: the MLLM writes SAM prompts, the segmenter draws masks.
+
+* **PPG**: one generated turn gives a box and points per target.
+* **PQPP**: round 1 generates the box(es); round 2 samples points in each box (an NxN
+  grid by default, or N random points) and asks the MLLM about each. A point is kept
+  when the probability of the answer it gives (``Yes`` or ``No``) exceeds the threshold
+  (0.9); a box whose points all fail falls back to the box alone.
+* **box-only**: round 1 alone, the box straight to the segmenter (a baseline).
+
+Fast PQPP encodes image + dialog prefix once and scores every point question of a box
+in ONE batched forward over a copy of the prefix cache, reading ``P(Yes)`` / ``P(No)``
+from the logits without ``generate()``. :meth:`Sam4MLLM.score_points` with
+``fast=False`` is the reference: one full independent forward per point.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from sam4mllm.codec import ParseResult, Point
+from sam4mllm.dialogs import Dialog, box_question, joint_question, point_question, ppg_dialog
+from sam4mllm.models.adapter import Adapter
+from sam4mllm.sam.base import Segmenter
+
+VARIANTS = ("ppg", "pqpp", "box_only")
+_PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+@dataclass
+class Prefix:
+    """A dialog so far: the prompt's model inputs, every token id up to the end of the last
+    answer's text, and (for fast PQPP) the KV cache of those tokens and the rope offset."""
+
+    inputs: dict[str, torch.Tensor]
+    ids: list[int]
+    cache: Any = None
+    rope_deltas: torch.Tensor | None = None
+
+
+@dataclass
+class PQPPConfig:
+    """Round-2 settings: ``sampling`` ``grid`` (``grid`` x ``grid``) or ``random`` (``n_random``)."""
+
+    sampling: str = "grid"
+    grid: int = 5
+    n_random: int = 25
+    threshold: float = 0.9
+    mode: str = "per_point"     # per_point (paper) | joint (official code)
+    fast: bool = True           # shared-prefix batched scoring (per_point only)
+
+
+@dataclass
+class SegmentResult:
+    """What :meth:`Sam4MLLM.segment` returns; coordinates are original-image pixels."""
+
+    masks: list[np.ndarray]
+    boxes: np.ndarray
+    points: list[np.ndarray] = field(default_factory=list)        # per target, (K, 2)
+    labels: list[np.ndarray] = field(default_factory=list)        # per target, (K,) 1 inside / 0 outside
+    confidences: list[np.ndarray] = field(default_factory=list)   # per target, (K,)
+    text: str = ""
+    valid: bool = True
+    reason: str = "ok"
+    no_target: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def union(self, size: tuple[int, int]) -> np.ndarray | None:
+        """Union of the target masks; ``None`` for a no-target (or invalid) answer."""
+        if not self.masks:
+            return None
+        out = np.zeros(size, dtype=bool)
+        for m in self.masks:
+            out |= m
+        return out
+
+
+def sample_points(box: np.ndarray, size: tuple[int, int], cfg: PQPPConfig, rng: np.random.Generator) -> np.ndarray:
+    """``(N, 2)`` integer pixel points in an ``XYXY`` box: grid cell centres or uniform random."""
+    h, w = size
+    x1, y1, x2, y2 = box
+    if cfg.sampling == "grid":
+        t = (np.arange(cfg.grid) + 0.5) / cfg.grid
+        xs, ys = np.meshgrid(x1 + t * (x2 - x1), y1 + t * (y2 - y1))
+        pts = np.stack([xs.ravel(), ys.ravel()], 1)
+    elif cfg.sampling == "random":
+        pts = np.stack([rng.uniform(x1, x2, cfg.n_random), rng.uniform(y1, y2, cfg.n_random)], 1)
+    else:
+        raise ValueError(f"unknown point sampling {cfg.sampling!r}: use grid or random")
+    return np.clip(np.floor(pts), 0, [w - 1, h - 1]).astype(np.int64)
+
+
+class Sam4MLLM:
+    """An MLLM (through its :class:`Adapter`) plus a :class:`Segmenter`.
+
+    Args:
+        adapter: the backbone, with its trained weights loaded.
+        segmenter: any promptable segmenter.
+        variant: ``ppg``, ``pqpp`` or ``box_only``.
+        pqpp: round-2 settings.
+        max_new_tokens: generation budget of a round.
+        seed: seeds random point sampling (per call, from the expression and image).
+    """
+
+    def __init__(self, adapter: Adapter, segmenter: Segmenter, variant: str = "pqpp", pqpp: PQPPConfig | None = None,
+                 max_new_tokens: int = 96, seed: int = 0) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}: use one of {VARIANTS}")
+        self.adapter, self.segmenter, self.variant = adapter, segmenter, variant
+        self.pqpp = pqpp or PQPPConfig()
+        self.max_new_tokens, self.seed = max_new_tokens, seed
+        self.model = adapter.model.eval()
+        self._glue_cache: tuple[str, str, str] | None = None
+        self._glue_ids: tuple[list[int], list[int]] | None = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _reset_rope(self) -> None:
+        # Qwen-VL models cache their rope offset per image; a new prefix must recompute it.
+        inner = getattr(self.model, "model", None)
+        if inner is not None and hasattr(inner, "rope_deltas"):
+            inner.rope_deltas = None
+
+    @torch.inference_mode()
+    def generate(self, question: str, image: np.ndarray, keep_cache: bool = False) -> tuple[str, Prefix]:
+        """Greedy answer to one question about the image, and the dialog prefix it leaves behind."""
+        self._reset_rope()
+        inputs = self._encode(Dialog([(question, "")]), image, open_last=True)
+        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                  eos_token_id=self.adapter.end_id, pad_token_id=self.adapter.pad_id,
+                                  return_dict_in_generate=True, use_cache=True)
+        new = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        if self.adapter.end_id in new:
+            new = new[: new.index(self.adapter.end_id)]
+        cache = getattr(out, "past_key_values", None) if keep_cache else None
+        prefix = Prefix(inputs, inputs["input_ids"][0].tolist() + new, cache, self._rope_deltas())
+        return self.adapter.tokenizer.decode(new, skip_special_tokens=False), prefix
+
+    def _parse(self, text: str, size: tuple[int, int]) -> ParseResult:
+        return self.adapter.fmt.parse(text, limits=self.adapter.coord_system().limits(size))
+
+    def _to_pixels(self, values: Sequence[int], size: tuple[int, int]) -> np.ndarray:
+        return self.adapter.coord_system().from_model(np.asarray(values, float), size)
+
+    def _segment(self, boxes: np.ndarray, points: list[np.ndarray], labels: list[np.ndarray]) -> list[np.ndarray]:
+        """One mask per target; targets are batched by the segmenter (padding label -1)."""
+        if len(boxes) == 0:
+            return []
+        k = max((len(p) for p in points), default=0)
+        if k == 0:
+            return list(self.segmenter.predict(boxes).masks)
+        pts = np.zeros((len(boxes), k, 2))
+        lab = -np.ones((len(boxes), k), np.int64)
+        for i, (p, lb) in enumerate(zip(points, labels, strict=True)):
+            pts[i, : len(p)], lab[i, : len(lb)] = p, lb
+        return list(self.segmenter.predict(boxes, pts, lab).masks)
+
+    def _encode(self, dialog: Dialog, image: np.ndarray, open_last: bool) -> dict[str, torch.Tensor]:
+        text = self.adapter.render(dialog, with_last_answer=not open_last)
+        return {k: v.to(self._device) for k, v in self.adapter.model_inputs(text, image).items()}
+
+    def _rope_deltas(self) -> torch.Tensor | None:
+        return getattr(getattr(self.model, "model", None), "rope_deltas", None)
+
+    def _glue(self) -> tuple[str, str, str]:
+        """Template text ``(after an answer, before a question, after a question)``, found once."""
+        if self._glue_cache is None:
+            u, ans, q = "\x00U\x00", "\x00A\x00", "\x00Q\x00"
+            head = self.adapter.render(Dialog([(u, ans)]))
+            full = self.adapter.render(Dialog([(u, ans), (q, "")]), with_last_answer=False)
+            if not full.startswith(head):
+                raise RuntimeError("the chat template does not extend a dialog turn by turn")
+            tail = full[len(head):]
+            self._glue_cache = (head[head.index(ans) + len(ans):], tail[: tail.index(q)],
+                                tail[tail.index(q) + len(q):])
+        return self._glue_cache
+
+    @torch.inference_mode()
+    def prefix_from_dialog(self, dialog: Dialog, image: np.ndarray, with_cache: bool = True) -> Prefix:
+        """The prefix of a dialog whose turns are all answered, ending right after the last answer's text."""
+        after, _, _ = self._glue()
+        inputs = self._encode(dialog, image, open_last=False)
+        ids = inputs["input_ids"][0].tolist()
+        glue = self.adapter.tokenizer.encode(after, add_special_tokens=False)
+        if ids[len(ids) - len(glue):] != glue:
+            raise RuntimeError("the rendered dialog does not end with the template's end-of-answer text")
+        ids = ids[: len(ids) - len(glue)]
+        trimmed = {k: (v[:, : len(ids)] if k in _PER_TOKEN else v) for k, v in inputs.items()}
+        cache = None
+        if with_cache:
+            self._reset_rope()
+            cache = self.model(**trimmed, use_cache=True).past_key_values
+        return Prefix(trimmed, ids, cache, self._rope_deltas())
+
+    def _continuations(self, prefix: Prefix, questions: Sequence[str], start: int) -> list[list[int]]:
+        """Tokens from position ``start`` of the prefix to the opening of each question's answer.
+
+        The template text around a question ends and starts at special tokens, so it is
+        tokenised once and only the questions per call; the first question is checked
+        against tokenising the whole text, and a tokenizer that merges across the
+        boundary falls back to the whole text.
+        """
+        tok = self.adapter.tokenizer
+        after, pre_q, post_q = self._glue()
+        if self._glue_ids is None:
+            self._glue_ids = (tok.encode(after + pre_q, add_special_tokens=False),
+                              tok.encode(post_q, add_special_tokens=False))
+        head, foot = self._glue_ids
+        body = tok(list(questions), add_special_tokens=False)["input_ids"]
+        conts = [head + b + foot for b in body]
+        if conts and conts[0] != tok.encode(after + pre_q + questions[0] + post_q, add_special_tokens=False):
+            conts = tok([after + pre_q + q + post_q for q in questions], add_special_tokens=False)["input_ids"]
+        tail = prefix.ids[start:]
+        return [tail + c for c in conts]
+
+    def _yes_no(self, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        p = torch.softmax(logits.float(), -1)[:, [self.adapter.yes_id, self.adapter.no_id]].cpu().numpy()
+        return p[:, 0], p[:, 1]
+
+    @torch.inference_mode()
+    def score_points(self, prefix: Prefix, questions: Sequence[str], fast: bool = True
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """``(P(Yes), P(No))`` (full-vocabulary softmax) for each question asked right after ``prefix``.
+
+        ``fast``: one batched forward of all questions over a copy of the prefix cache.
+        Otherwise the reference: one full, independent forward (image included) per question.
+        """
+        n_prompt = prefix.inputs["input_ids"].shape[1]
+        if not fast:
+            rows = []
+            for cont in self._continuations(prefix, questions, n_prompt):
+                ids = torch.tensor([prefix.ids[:n_prompt] + cont], device=self._device)
+                inputs = {k: v for k, v in prefix.inputs.items() if k not in _PER_TOKEN}
+                extra = ids.shape[1] - n_prompt
+                if "mm_token_type_ids" in prefix.inputs:
+                    inputs["mm_token_type_ids"] = torch.nn.functional.pad(prefix.inputs["mm_token_type_ids"],
+                                                                          (0, extra))
+                self._reset_rope()
+                rows.append(self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs).logits[0, -1])
+            return self._yes_no(torch.stack(rows))
+        if prefix.cache is None:
+            raise ValueError("fast scoring needs a prefix built with its cache")
+        cached = prefix.cache.get_seq_length()
+        conts = self._continuations(prefix, questions, cached)
+        n, length = len(conts), max(len(c) for c in conts)
+        ids = torch.full((n, length), self.adapter.pad_id, dtype=torch.long)
+        for i, c in enumerate(conts):
+            ids[i, : len(c)] = torch.tensor(c)
+        last = torch.tensor([len(c) - 1 for c in conts])
+        cache = copy.deepcopy(prefix.cache)  # a forward appends to the cache in place: keep the prefix intact
+        cache.batch_repeat_interleave(n)
+        attn = torch.cat([torch.ones(n, cached, dtype=torch.long),
+                          (torch.arange(length)[None] <= last[:, None]).long()], 1)
+        pos = cached + torch.arange(length)[None].expand(n, -1)
+        if prefix.rope_deltas is not None:  # Qwen-VL's 3-D rotary positions: text after the image is offset
+            pos = (pos + prefix.rope_deltas.cpu()[:1]).unsqueeze(0).expand(3, -1, -1)
+        dev = self._device
+        out = self.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
+                         past_key_values=cache, use_cache=True)
+        return self._yes_no(out.logits[torch.arange(n), last.to(out.logits.device)])
+
+    @torch.inference_mode()
+    def score_joint(self, prefix: Dialog, image: np.ndarray, question: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Official-code round 2: one question lists all points; the answer's k-th token is point k's label.
+
+        Decoding is greedy over ``{Yes, No}`` only; probabilities come from the raw logits.
+        """
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        allowed = torch.tensor([self.adapter.yes_id, self.adapter.no_id])
+
+        class OnlyYesNo(LogitsProcessor):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+                keep = torch.full_like(scores, float("-inf"))
+                keep[:, allowed] = scores[:, allowed]
+                return keep
+
+        self._reset_rope()
+        inputs = self._encode(Dialog([*prefix.turns, (question, "")]), image, open_last=True)
+        out = self.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  logits_processor=LogitsProcessorList([OnlyYesNo()]), output_logits=True,
+                                  return_dict_in_generate=True, pad_token_id=self.adapter.pad_id)
+        return self._yes_no(torch.cat(out.logits, 0))
+
+    # --------------------------------------------------------------- public
+    def segment(self, image: np.ndarray, expression: str, task: str = "res") -> SegmentResult:
+        """Masks (one per target, none for no target), boxes, points, raw text and validity."""
+        size = (int(image.shape[0]), int(image.shape[1]))
+        t = {"start": time.perf_counter()}
+        if self.variant == "ppg":
+            question = ppg_dialog(expression, [], task, self.adapter.fmt).turns[0][0]
+        else:
+            question = box_question(expression, task)
+        fast = self.variant == "pqpp" and self.pqpp.mode == "per_point" and self.pqpp.fast
+        text, prefix = self.generate(question, image, keep_cache=fast)
+        t["round1"] = time.perf_counter()
+        parsed = self._parse(text, size)
+        if not parsed.valid or parsed.no_target:
+            return SegmentResult([], np.zeros((0, 4)), text=text, valid=parsed.valid, reason=parsed.reason,
+                                 no_target=parsed.no_target, timings={"total": t["round1"] - t["start"]})
+        boxes = np.stack([self._to_pixels(tg.box, size) for tg in parsed.targets])
+        points, labels, confs = [], [], []
+        if self.variant == "ppg":
+            for tg in parsed.targets:
+                points.append(self._to_pixels([v for p in tg.points for v in (p.x, p.y)], size).reshape(-1, 2))
+                labels.append(np.array([int(p.inside) for p in tg.points], np.int64))
+                confs.append(np.ones(len(tg.points)))
+        elif self.variant == "pqpp":
+            rng = np.random.default_rng([self.seed, zlib.crc32(expression.encode()), int(image.sum()) % 2**32])
+            for tg, box in zip(parsed.targets, boxes, strict=True):
+                pts_px = sample_points(box, size, self.pqpp, rng)
+                pts = self.adapter.coord_system().to_model(pts_px.astype(float), size)
+                if self.pqpp.mode == "joint":
+                    q = joint_question(self.adapter.fmt, tg.box, [Point(int(x), int(y)) for x, y in pts])
+                    p_yes, p_no = self.score_joint(Dialog([(question, text)]), image, q, len(pts))
+                else:
+                    qs = [point_question(self.adapter.fmt, tg.box, Point(int(x), int(y))) for x, y in pts]
+                    p_yes, p_no = self.score_points(prefix, qs, fast=self.pqpp.fast)
+                inside = p_yes > p_no
+                conf = np.where(inside, p_yes, p_no)
+                keep = conf > self.pqpp.threshold  # low-confidence points are dropped; none left -> box only
+                points.append(pts_px[keep].astype(float))
+                labels.append(inside[keep].astype(np.int64))
+                confs.append(conf[keep])
+        t["round2"] = time.perf_counter()
+        masks = self._segment(boxes, points, labels)
+        t["sam"] = time.perf_counter()
+        timings = {"round1": t["round1"] - t["start"], "round2": t["round2"] - t["round1"],
+                   "sam": t["sam"] - t["round2"], "total": t["sam"] - t["start"]}
+        return SegmentResult(masks, boxes, points, labels, confs, text, True, parsed.reason, False, timings)
