@@ -26,3 +26,26 @@ def merge_adapter(final_dir: str | Path, out_dir: str | Path, base: str | Path |
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
+
+
+def load_finetuned(adapter: object, checkpoint: str | Path) -> None:
+    """Put the weights trained by ``scripts/train.py`` (``run_dir/final``) into ``adapter.model``."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    checkpoint = Path(checkpoint)
+    info_path = checkpoint / "sam4mllm.json"
+    if not info_path.exists():
+        raise FileNotFoundError(
+            f"no trained checkpoint at {checkpoint} (expected sam4mllm.json from scripts/train.py); train first, "
+            "or set checkpoint=null to evaluate the untrained backbone"
+        )
+    info = json.loads(info_path.read_text())
+    if info["family"] != adapter.family:  # type: ignore[attr-defined]
+        raise ValueError(f"{checkpoint} was trained on {info['family']}, not {adapter.family}")  # type: ignore[attr-defined]
+    if info["finetune"] == "lora":
+        adapter.model = PeftModel.from_pretrained(adapter.model, checkpoint).merge_and_unload()  # type: ignore[attr-defined]
+    else:
+        dtype = adapter.model.dtype  # type: ignore[attr-defined]
+        adapter.model = AutoModelForImageTextToText.from_pretrained(checkpoint, local_files_only=True, dtype=dtype)  # type: ignore[attr-defined]
+    adapter.model.eval()  # type: ignore[attr-defined]

@@ -1,0 +1,170 @@
+"""``evaluate(cfg)``: run a :class:`Sam4MLLM` over a split and score it with the official metrics.
+
+Per-sample predictions (RLE masks, boxes, points, raw text, validity, timings) are
+written incrementally to JSONL shards, resume after a kill, shard across processes
+(``RANK``/``WORLD_SIZE`` or ``shard.*``) and merge into one ``predictions.jsonl`` that does
+not depend on the shard count. Metrics are always computed from that file
+(:func:`rescore`), so a rescore gives exactly what the run reported. An unparseable
+answer is scored as an empty mask (IoU 0 for a target) and counted in
+``invalid_rate``; an image that cannot be read is recorded and counted, not dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from sam4mllm.data import build_dataset
+from sam4mllm.data.errors import CorruptImageError
+from sam4mllm.data.masks import decode_segmentation, encode_rle
+from sam4mllm.metrics import SegmentationMeter, VQAMeter
+from sam4mllm.report import markdown_table
+from sam4mllm.shards import ShardWriter, assign, iter_records, merge_shards, read_shard, shard_from_env, shard_path
+from sam4mllm.viz import save_overlay
+
+log = logging.getLogger(__name__)
+PRED_FORMAT, PRED_VERSION, MERGED = "sam4mllm-predictions", 1, "predictions.jsonl"
+
+
+def build_predictor(cfg: Any) -> Any:
+    """The :class:`Sam4MLLM` of a config: backbone + trained weights + segmenter + round-2 settings."""
+    from hydra.utils import instantiate
+
+    from sam4mllm.inference import PQPPConfig, Sam4MLLM
+    from sam4mllm.models.merge import load_finetuned
+
+    adapter = instantiate(cfg.model)
+    if cfg.checkpoint:
+        load_finetuned(adapter, cfg.checkpoint)
+    pqpp = PQPPConfig(**OmegaConf.to_container(cfg.eval.pqpp, resolve=True))
+    return Sam4MLLM(adapter, instantiate(cfg.sam), cfg.variant, pqpp, cfg.eval.max_new_tokens, cfg.seed)
+
+
+def _header(cfg: Any, split: str) -> dict[str, Any]:
+    semantic = {"variant": cfg.variant, "checkpoint": str(cfg.checkpoint), "dataset": cfg.dataset.name,
+                "split": split, "model": OmegaConf.to_container(cfg.model, resolve=True),
+                "sam": OmegaConf.to_container(cfg.sam, resolve=True),
+                "eval": OmegaConf.to_container(cfg.eval, resolve=True), "seed": cfg.seed}
+    digest = hashlib.sha256(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"format": PRED_FORMAT, "version": PRED_VERSION, "config_hash": digest, "variant": cfg.variant,
+            "dataset": cfg.dataset.name, "split": split, "task": cfg.dataset.task}
+
+
+def predict_sample(predictor: Any, sample: Any) -> dict[str, Any]:
+    """One prediction record (JSON-able)."""
+    if sample.task == "vqa":
+        text, _ = predictor.generate(_vqa_question(sample.expression), sample.image)
+        return {"answer": text.strip(), "valid": True}
+    r = predictor.segment(sample.image, sample.expression, sample.task)
+    return {
+        "text": r.text, "valid": r.valid, "reason": r.reason, "no_target": r.no_target,
+        "masks": [encode_rle(m) for m in r.masks], "boxes": np.asarray(r.boxes).tolist(),
+        "points": [p.tolist() for p in r.points], "labels": [lb.tolist() for lb in r.labels],
+        "confidences": [c.tolist() for c in r.confidences], "timings": r.timings,
+    }
+
+
+def _vqa_question(question: str) -> str:
+    from sam4mllm.dialogs import VQA_PROMPT
+
+    return VQA_PROMPT.format(question=question)
+
+
+def evaluate(cfg: Any, predictor: Any = None) -> dict[str, Any] | None:
+    """Predict this process's shard; once all shards are in, merge, score and write the reports.
+
+    Returns the metrics (or ``None`` while other shards still run).
+    """
+    split = cfg.split or cfg.dataset.split
+    ds = build_dataset(cfg.dataset, split)  # missing data fails here, before any model loads
+    out_dir = Path(cfg.out_dir)
+    header = _header(cfg, split)
+    index, count = shard_from_env(cfg.shard.index, cfg.shard.count)
+    mine = assign(range(len(ds)), index, count)
+    with ShardWriter(shard_path(out_dir, index, count), {**header, "shard": index, "num_shards": count}) as w:
+        todo = [(k, i) for k, i in mine if str(i) not in w.done]
+        if todo:
+            predictor = predictor or build_predictor(cfg)
+        bar = tqdm(todo, desc=f"eval {cfg.dataset.name}/{split} [{index + 1}/{count}]", unit="sample",
+                   initial=len(mine) - len(todo), total=len(mine), disable=not cfg.progress)
+        for k, i in bar:
+            try:
+                sample = ds[i]
+                rec = predict_sample(predictor, sample)
+                rec["sample_id"] = sample.sample_id
+            except (CorruptImageError, FileNotFoundError) as err:
+                rec = {"error": f"{type(err).__name__}: {err}", "valid": False}
+            w.write({"key": str(i), "index": k, **rec})
+    merged = merge_shards(out_dir, count, len(ds), header, MERGED)
+    if merged is None:
+        return None
+    metrics = rescore(merged, cfg.dataset)
+    write_reports(out_dir, metrics)
+    if cfg.eval.overlays:
+        write_overlays(merged, ds, out_dir / "overlays", cfg.eval.overlays)
+    return metrics
+
+
+def rescore(predictions: str | Path, dataset_cfg: Any) -> dict[str, Any]:
+    """Official metrics of a predictions file against the ground truth, without running any model."""
+    header, records = read_shard(Path(predictions))
+    ds = build_dataset(dataset_cfg, header["split"])
+    if len(records) != len(ds):
+        raise ValueError(f"{predictions} has {len(records)} predictions for {len(ds)} samples")
+    errors = sum("error" in r for r in records)
+    out: dict[str, Any] = {"dataset": header["dataset"], "split": header["split"], "variant": header["variant"],
+                           "unreadable": errors}
+    if header["task"] == "vqa":
+        vqa = VQAMeter()
+        for r, rec in zip(records, ds.records, strict=True):
+            vqa.update(r.get("answer", ""), rec["answers"])
+        return {**out, **vqa.compute()}
+    meter = SegmentationMeter()
+    times = []
+    for r in records:
+        sample = ds[int(r["key"])]
+        h, w = sample.size
+        pred = None
+        for m in r.get("masks", []):
+            dm = decode_segmentation(m, h, w)
+            pred = dm if pred is None else pred | dm
+        meter.update(pred, sample.union_mask(), sample.ignore, valid=bool(r.get("valid")))
+        if "timings" in r:
+            times.append(r["timings"].get("total", 0.0))
+    out.update(meter.compute())
+    out["seconds_per_sample"] = float(np.mean(times)) if times else None
+    return out
+
+
+def write_reports(out_dir: Path, metrics: dict[str, Any]) -> None:
+    """``metrics.json`` and a one-row ``metrics.md``."""
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    keys = [k for k in metrics if k not in ("dataset", "split", "variant")]
+    table = markdown_table(["dataset", "split", "variant", *keys],
+                           [[metrics["dataset"], metrics["split"], metrics["variant"], *(metrics[k] for k in keys)]])
+    (out_dir / "metrics.md").write_text(table + "\n")
+
+
+def write_overlays(predictions: Path, ds: Any, out_dir: Path, n: int) -> list[Path]:
+    """Overlay PNGs (prediction masks, boxes, kept points) of the first ``n`` samples."""
+    paths = []
+    for r in list(iter_records(predictions))[:n]:
+        if "error" in r or "masks" not in r:
+            continue
+        sample = ds[int(r["key"])]
+        h, w = sample.size
+        masks = [decode_segmentation(m, h, w) for m in r["masks"]]
+        pts = [p for group in r["points"] for p in group]
+        labels = [lb for group in r["labels"] for lb in group]
+        verdict = "no target" if r.get("no_target") else ("invalid: " + r["reason"]) if not r["valid"] else ""
+        title = f"{sample.expression} {verdict}".strip()
+        paths.append(save_overlay(out_dir / f"{int(r['index']):05d}.png", sample.image, masks=masks,
+                                  boxes=r["boxes"], points=pts, labels=labels, title=title, scale=4))
+    return paths
