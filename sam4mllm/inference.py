@@ -266,7 +266,7 @@ class Sam4MLLM:
             pos = (pos + prefix.rope_deltas.cpu()[:1]).unsqueeze(0).expand(3, -1, -1)
         dev = self._device
         out = self.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
-                         past_key_values=cache, use_cache=True)
+                         cache=cache, use_cache=True)
         return self._yes_no(out.logits[torch.arange(n), last.to(out.logits.device)])
 
     @torch.inference_mode()
@@ -333,6 +333,7 @@ class Sam4MLLM:
                 labels.append(inside[keep].astype(np.int64))
                 confs.append(conf[keep])
         t["round2"] = time.perf_counter()
+        self.segmenter.set_image(image)  # cached: a no-op when this image is already embedded
         masks = self._segment(boxes, points, labels)
         t["sam"] = time.perf_counter()
         timings = {"round1": t["round1"] - t["start"], "round2": t["round2"] - t["round1"],

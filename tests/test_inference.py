@@ -1,0 +1,179 @@
+"""Predictor (PPG / PQPP / box-only), fast shared-prefix PQPP, and the evaluator."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra.utils import instantiate
+
+from sam4mllm.codec import Point, TargetPrompt
+from sam4mllm.dialogs import Dialog, box_question, point_question
+from sam4mllm.evaluate import evaluate, rescore
+from sam4mllm.inference import PQPPConfig, Sam4MLLM, SegmentResult, sample_points
+from sam4mllm.sam.grabcut import GrabCutSegmenter
+from sam4mllm.shards import shard_path
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = (np.random.default_rng(0).random((112, 112, 3)) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("family", ["qwen2vl", "qwen2_5vl", "qwen3vl", "llava_next"])
+def test_fast_pqpp_equals_one_forward_per_point(workspace, family):
+    adapter = instantiate(workspace("train", f"model=tiny_{family}", "+exp=pqpp").model)
+    m = Sam4MLLM(adapter, GrabCutSegmenter())
+    rng = np.random.default_rng(1)
+    qs = [point_question(adapter.fmt, (10, 20, 500, 600), Point(int(x), int(y))) for x, y in rng.integers(0, 999, (25, 2))]
+    given = Dialog([(box_question("the red circle", "res"), adapter.fmt.encode([TargetPrompt((10, 20, 500, 600))]))])
+    _, generated = m.generate(box_question("the blue square", "res"), IMAGE, keep_cache=True)
+    for prefix in (m.prefix_from_dialog(given, IMAGE), generated):
+        fy, fn = m.score_points(prefix, qs, fast=True)
+        sy, sn = m.score_points(prefix, qs, fast=False)
+        np.testing.assert_allclose(fy, sy, atol=1e-4)
+        np.testing.assert_allclose(fn, sn, atol=1e-4)
+        assert np.all(fy + fn <= 1 + 1e-6) and fy.std() > 0  # real, point-dependent probabilities
+
+
+def test_sample_points_grid_and_random():
+    box = np.array([10.0, 20.0, 60.0, 70.0])
+    grid = sample_points(box, (100, 100), PQPPConfig(grid=5), np.random.default_rng(0))
+    assert grid.shape == (25, 2) and sorted(set(grid[:, 0].tolist())) == [15, 25, 35, 45, 55]
+    rnd = sample_points(box, (100, 100), PQPPConfig(sampling="random", n_random=36), np.random.default_rng(0))
+    assert rnd.shape == (36, 2) and (rnd >= [10, 20]).all() and (rnd < [60, 70]).all()
+    with pytest.raises(ValueError, match="sampling"):
+        sample_points(box, (100, 100), PQPPConfig(sampling="spiral"), np.random.default_rng(0))
+
+
+class Scripted(Sam4MLLM):
+    """The real pipeline around a model whose answers are scripted (text and Yes-probabilities)."""
+
+    def __init__(self, adapter, variant, text, p_yes=None, **kw):
+        super().__init__(adapter, GrabCutSegmenter(), variant, **kw)
+        self.text, self.p_yes, self.asked = text, p_yes, []
+
+    def generate(self, question, image, keep_cache=False):
+        from sam4mllm.inference import Prefix
+
+        return self.text, Prefix({"input_ids": np.zeros((1, 1))}, [0])
+
+    def score_points(self, prefix, questions, fast=True):
+        self.asked.append(questions)
+        p = np.asarray(self.p_yes(len(questions)))
+        return p, 1 - p
+
+
+def _flat_image():
+    img = np.full((100, 100, 3), 220, np.uint8)
+    img[20:60, 30:80] = (200, 30, 30)
+    return img
+
+
+@pytest.fixture(scope="module")
+def adapter(workspace):
+    return instantiate(workspace("train", "+exp=pqpp").model)
+
+
+def test_ppg_parses_box_and_points_into_pixels_and_segments(adapter):
+    m = Scripted(adapter, "ppg", "<|box_start|>(280,180),(820,620)<|box_end|> (500,400,1) (600,300,1) (290,190,0)")
+    r = m.segment(_flat_image(), "the red rectangle")
+    assert r.valid and len(r.masks) == 1
+    np.testing.assert_allclose(r.boxes[0], [28, 18, 82, 62])
+    np.testing.assert_allclose(r.points[0], [[50, 40], [60, 30], [29, 19]])
+    assert r.labels[0].tolist() == [1, 1, 0]
+    gt = np.zeros((100, 100), bool)
+    gt[20:60, 30:80] = True
+    assert (r.masks[0] & gt).sum() / (r.masks[0] | gt).sum() > 0.9
+
+
+def test_pqpp_keeps_confident_points_and_falls_back_to_the_box(adapter):
+    text = "<|box_start|>(280,180),(820,620)<|box_end|>"
+    conf = Scripted(adapter, "pqpp", text, p_yes=lambda n: np.linspace(0, 1, n))
+    r = conf.segment(_flat_image(), "the red rectangle")
+    assert len(conf.asked[0]) == 25 and r.valid
+    kept = np.linspace(0, 1, 25)
+    kept = kept[(kept > 0.9) | (kept < 0.1)]
+    assert len(r.points[0]) == len(kept) and sorted(r.labels[0].tolist()) == sorted((kept > 0.5).astype(int).tolist())
+    unsure = Scripted(adapter, "pqpp", text, p_yes=lambda n: np.full(n, 0.6))
+    r2 = unsure.segment(_flat_image(), "the red rectangle")
+    assert len(r2.points[0]) == 0 and len(r2.masks) == 1  # no point survives: the box alone
+
+
+def test_invalid_and_no_target_answers(adapter):
+    bad = Scripted(adapter, "pqpp", "I think it is the red one")
+    r = bad.segment(_flat_image(), "x")
+    assert not r.valid and r.reason == "no box found" and r.union((100, 100)) is None
+    none = Scripted(adapter, "pqpp", "No object found.")
+    r = none.segment(_flat_image(), "x", task="gres")
+    assert r.valid and r.no_target and not r.masks and none.asked == []
+
+
+class Oracle:
+    """Answers with the ground truth, or garbage for the samples whose expression length is a multiple of k."""
+
+    def __init__(self, garbage_every: int = 0):
+        self.garbage_every = garbage_every
+
+    def segment(self, image, expression, task="res"):
+        if self.garbage_every and len(expression) % self.garbage_every == 0:
+            return SegmentResult([], np.zeros((0, 4)), text="???", valid=False, reason="no box found")
+        return SegmentResult(list(self.current.masks), self.current.boxes, text="gt", timings={"total": 0.0})
+
+
+def _eval_cfg(workspace, out, *extra):
+    return workspace("eval", f"out_dir={out}", "progress=false", "checkpoint=null", *extra)
+
+
+def _run(cfg, oracle):
+    from sam4mllm.data import build_dataset
+
+    ds = build_dataset(cfg.dataset, cfg.split)
+
+    class Feed:
+        def segment(self, image, expression, task="res"):
+            oracle.current = next(s for s in ds if s.expression == expression and np.array_equal(s.image, image))
+            return oracle.segment(image, expression, task)
+
+    return evaluate(cfg, Feed())
+
+
+def test_evaluator_scores_oracle_perfectly_and_counts_invalid(workspace, tmp_path):
+    m = _run(_eval_cfg(workspace, tmp_path / "a", "dataset=synthetic_gres"), Oracle())
+    assert m["cIoU"] == 1.0 and m["gIoU"] == 1.0 and m["N-acc"] == 1.0 and m["invalid_rate"] == 0.0
+    m2 = _run(_eval_cfg(workspace, tmp_path / "b", "dataset=synthetic_gres"), Oracle(garbage_every=4))
+    from sam4mllm.data import build_dataset
+
+    ds = build_dataset(_eval_cfg(workspace, tmp_path / "b", "dataset=synthetic_gres").dataset, "val")
+    n_bad = sum(len(r["expression"]) % 4 == 0 for r in ds.records)
+    assert n_bad > 0 and m2["invalid_rate"] == pytest.approx(n_bad / m2["n"]) and m2["gIoU"] < 1.0
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text()) == m2
+    assert m2 == rescore(tmp_path / "b" / "predictions.jsonl", _eval_cfg(workspace, tmp_path / "b",
+                                                                          "dataset=synthetic_gres").dataset)
+    assert len(list((tmp_path / "a" / "overlays").glob("*.png"))) == 8
+
+
+def test_evaluator_resumes_and_shards_merge_to_the_single_process_result(workspace, tmp_path):
+    single = _run(_eval_cfg(workspace, tmp_path / "one"), Oracle(garbage_every=3))
+    ref = (tmp_path / "one" / "predictions.jsonl").read_bytes()
+    # Two shards, the first killed mid-line and resumed.
+    _run(_eval_cfg(workspace, tmp_path / "two", "shard.index=0", "shard.count=2"), Oracle(garbage_every=3))
+    shard0 = shard_path(tmp_path / "two", 0, 2)
+    lines = shard0.read_text().splitlines(keepends=True)
+    shard0.write_text("".join(lines[:4]) + lines[4][:30])
+    assert _run(_eval_cfg(workspace, tmp_path / "two", "shard.index=1", "shard.count=2"), Oracle(3)) is None
+    merged = _run(_eval_cfg(workspace, tmp_path / "two", "shard.index=0", "shard.count=2"), Oracle(3))
+    assert (tmp_path / "two" / "predictions.jsonl").read_bytes() != b""
+    assert merged["cIoU"] == pytest.approx(single["cIoU"]) and merged["n"] == single["n"]
+    a = [json.loads(x) for x in ref.decode().splitlines()[1:]]
+    b = [json.loads(x) for x in (tmp_path / "two" / "predictions.jsonl").read_text().splitlines()[1:]]
+    assert [r["sample_id"] for r in a] == [r["sample_id"] for r in b]
+
+
+def test_eval_script_as_typed_names_the_missing_data_and_the_fix(tmp_path):
+    r = subprocess.run([sys.executable, "scripts/eval.py", "dataset=refcocog", f"paths.data_dir={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "refs(umd).p" in r.stderr and "python scripts/prepare_data.py dataset=refcocog" in r.stderr
