@@ -27,7 +27,8 @@ def test_fast_pqpp_equals_one_forward_per_point(workspace, family):
     adapter = instantiate(workspace("train", f"model=tiny_{family}", "+exp=pqpp").model)
     m = Sam4MLLM(adapter, GrabCutSegmenter())
     rng = np.random.default_rng(1)
-    qs = [point_question(adapter.fmt, (10, 20, 500, 600), Point(int(x), int(y))) for x, y in rng.integers(0, 999, (25, 2))]
+    pts = rng.integers(0, 999, (25, 2))
+    qs = [point_question(adapter.fmt, (10, 20, 500, 600), Point(int(x), int(y))) for x, y in pts]
     given = Dialog([(box_question("the red circle", "res"), adapter.fmt.encode([TargetPrompt((10, 20, 500, 600))]))])
     _, generated = m.generate(box_question("the blue square", "res"), IMAGE, keep_cache=True)
     for prefix in (m.prefix_from_dialog(given, IMAGE), generated):
