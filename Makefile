@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 # The main job on the embedded synthetic default.
 demo: $(STAMP)
-	$(PY) scripts/prepare_data.py dataset=synthetic
+	$(PY) scripts/demo.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check sam4mllm scripts tests bench

@@ -105,17 +105,17 @@ class Sam4MLLM:
         segmenter: any promptable segmenter.
         variant: ``ppg``, ``pqpp`` or ``box_only``.
         pqpp: round-2 settings.
-        max_new_tokens: generation budget of a round.
+        max_new_tokens: generation budget of a round (``min_new_tokens`` forces a length: benchmarks).
         seed: seeds random point sampling (per call, from the expression and image).
     """
 
     def __init__(self, adapter: Adapter, segmenter: Segmenter, variant: str = "pqpp", pqpp: PQPPConfig | None = None,
-                 max_new_tokens: int = 96, seed: int = 0) -> None:
+                 max_new_tokens: int = 96, seed: int = 0, min_new_tokens: int = 0) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}: use one of {VARIANTS}")
         self.adapter, self.segmenter, self.variant = adapter, segmenter, variant
         self.pqpp = pqpp or PQPPConfig()
-        self.max_new_tokens, self.seed = max_new_tokens, seed
+        self.max_new_tokens, self.min_new_tokens, self.seed = max_new_tokens, min_new_tokens, seed
         self.model = adapter.model.eval()
         self._glue_cache: tuple[str, str, str] | None = None
         self._glue_ids: tuple[list[int], list[int]] | None = None
@@ -136,7 +136,8 @@ class Sam4MLLM:
         """Greedy answer to one question about the image, and the dialog prefix it leaves behind."""
         self._reset_rope()
         inputs = self._encode(Dialog([(question, "")]), image, open_last=True)
-        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
+                                  do_sample=False,
                                   eos_token_id=self.adapter.end_id, pad_token_id=self.adapter.pad_id,
                                   return_dict_in_generate=True, use_cache=True)
         new = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()

@@ -178,3 +178,20 @@ def test_eval_script_as_typed_names_the_missing_data_and_the_fix(tmp_path):
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0
     assert "refs(umd).p" in r.stderr and "python scripts/prepare_data.py dataset=refcocog" in r.stderr
+
+
+def test_paper_tables_put_ours_next_to_the_paper(tmp_path):
+    from sam4mllm.tables import render_tables
+
+    run = tmp_path / "pqpp-qwen2vl" / "refcocog-val" / "default"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"dataset": "refcocog", "split": "val", "variant": "pqpp",
+                                                  "cIoU": 0.5123}))
+    abl = tmp_path / "pqpp-qwen2vl" / "refcocog-val" / "thr0.6"
+    abl.mkdir(parents=True)
+    (abl / "metrics.json").write_text(json.dumps({"dataset": "refcocog", "split": "val", "variant": "pqpp",
+                                                  "cIoU": 0.25}))
+    text = render_tables(tmp_path)
+    assert "51.2 / 74.5" in text          # Table 2, refcocog val: ours / paper PQPP
+    assert "- / 75.2" in text              # refcocog test: no run, paper only
+    assert "25.0 / 69.5" in text         # Table 6, threshold 0.6

@@ -80,7 +80,7 @@ class SyntheticConfig:
     height: int = 112
     min_objects: int = 2
     max_objects: int = 4
-    images: dict[str, int] = field(default_factory=lambda: {"train": 240, "val": 40, "testA": 20, "testB": 20})
+    images: dict[str, int] = field(default_factory=lambda: {"train": 240, "val": 24, "testA": 16, "testB": 16})
     reason_images: dict[str, int] = field(default_factory=lambda: {"train": 20, "val": 20, "test": 20})
     max_sentences_per_ref: int = 3
     ignore_fraction: float = 0.3

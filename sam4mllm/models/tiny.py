@@ -201,12 +201,22 @@ def _processor(spec: TinySpec, tok: Any) -> Any:
 
 def build_tiny(spec: TinySpec, out_dir: str | Path) -> Path:
     """Write (or reuse) the tiny model folder for ``spec`` and return its path."""
-    from transformers import AutoModelForImageTextToText
+    import fcntl
 
     out = Path(out_dir)
-    stamp = out / "tiny_spec.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("digest") == spec.digest():
-        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Several ranks may start at once: one builds while the others wait, then all reuse it.
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stamp = out / "tiny_spec.json"
+        if stamp.exists() and json.loads(stamp.read_text()).get("digest") == spec.digest():
+            return out
+        return _build(spec, out)
+
+
+def _build(spec: TinySpec, out: Path) -> Path:
+    from transformers import AutoModelForImageTextToText
+
     specials = LLAVA_SPECIALS if spec.family == "llava_next" else QWEN_SPECIALS
     tok = train_tokenizer(specials, spec.vocab_size, spec.seed)
     if spec.family == "llava_next":
