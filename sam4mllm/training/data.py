@@ -77,6 +77,8 @@ class MixtureDataset(torch.utils.data.Dataset):
         draws: list[tuple[str, int]] = []
         for name, (examples, ratio) in sorted(self.sources.items()):
             n = round(len(examples) * ratio)
+            if n == 0 or not examples:  # a source switched off (ratio 0) or empty
+                continue
             idx = np.concatenate([rng.permutation(len(examples)) for _ in range(-(-n // max(len(examples), 1)))])
             draws += [(name, int(i)) for i in idx[:n]]
         self.items = [draws[i] for i in rng.permutation(len(draws))]
