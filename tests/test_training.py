@@ -228,3 +228,12 @@ def test_remote_code_stays_off_unless_the_user_turns_it_on(workspace, tmp_path):
 
     with pytest.raises(ValueError, match="trust_remote_code=true"):
         build_adapter("qwenvl", str(tmp_path))
+
+
+def test_single_process_under_the_default_zero2_needs_no_launcher(workspace, tmp_path):
+    args = [sys.executable, "scripts/train.py", "+exp=ppg", *workspace.base, f"run_dir={tmp_path / 'run'}",
+            "progress=false", "train.max_steps=1", "save_final=false"]
+    r = subprocess.run(args, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "stage: 2" in (tmp_path / "run" / "config.yaml").read_text()
+    assert len(_losses(tmp_path / "run")) == 1
