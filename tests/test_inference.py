@@ -195,3 +195,20 @@ def test_paper_tables_put_ours_next_to_the_paper(tmp_path):
     assert "51.2 / 74.5" in text          # Table 2, refcocog val: ours / paper PQPP
     assert "- / 75.2" in text              # refcocog test: no run, paper only
     assert "25.0 / 69.5" in text         # Table 6, threshold 0.6
+
+
+def test_vqa_evaluation_uses_the_official_accuracy(workspace, tmp_path):
+    from sam4mllm.data import build_dataset
+    from sam4mllm.metrics import vqa_accuracy
+
+    cfg = _eval_cfg(workspace, tmp_path / "vqa", "dataset=synthetic_vqa")
+    ds = build_dataset(cfg.dataset, cfg.split)
+
+    class Answers:
+        def generate(self, question, image, keep_cache=False):
+            rec = next(r for r in ds.records if r["expression"] in question)
+            return rec["answers"][0], None  # the first human answer, spelled as that human did
+
+    m = evaluate(cfg, Answers())
+    expected = 100 * np.mean([vqa_accuracy(r["answers"][0], r["answers"]) for r in ds.records])
+    assert m["accuracy"] == pytest.approx(expected) and 0 < m["accuracy"] < 100

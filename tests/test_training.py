@@ -237,3 +237,39 @@ def test_single_process_under_the_default_zero2_needs_no_launcher(workspace, tmp
     assert r.returncode == 0, r.stderr[-3000:]
     assert "stage: 2" in (tmp_path / "run" / "config.yaml").read_text()
     assert len(_losses(tmp_path / "run")) == 1
+
+
+def test_deepspeed_checkpoint_resume_follows_the_same_curve(workspace, tmp_path):
+    """ZeRO-2 (one rank, no launcher): stop after a checkpoint, resume, compare with a straight run."""
+    common = ["+exp=ppg", *workspace.base, "progress=false", "train.micro_batch_size=2", "train.grad_accum=2",
+              "train.max_steps=6", "train.save_every=3", "train.optimizer.lr=1e-3", "save_final=false"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    run = lambda *a: subprocess.run([sys.executable, "scripts/train.py", *common, *a], cwd=ROOT, env=env,  # noqa: E731
+                                    capture_output=True, text=True)
+    r = run(f"run_dir={tmp_path / 'straight'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(f"run_dir={tmp_path / 'cut'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # Roll the finished run back to its step-3 checkpoint, as if it had died right after it.
+    ckpt = tmp_path / "cut" / "checkpoints"
+    (ckpt / "latest").write_text("step-0000003")
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()[:3]
+    (tmp_path / "cut" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    r = run(f"run_dir={tmp_path / 'cut'}", "resume=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "cut")
+    assert sorted(b) == list(range(1, 7))
+    assert [b[s] for s in range(1, 7)] == pytest.approx([a[s] for s in range(1, 7)], abs=1e-5)
+
+
+def test_gradient_checkpointing_and_zero3_give_the_same_first_loss(workspace, tmp_path):
+    base = train(_cfg(workspace, tmp_path / "a", "train.max_steps=1", "save_final=false"))[0]["loss"]
+    gc = train(_cfg(workspace, tmp_path / "b", "train.max_steps=1", "save_final=false",
+                    "train.gradient_checkpointing=true"))[0]["loss"]
+    assert gc == pytest.approx(base, abs=1e-5)
+    args = [sys.executable, "scripts/train.py", "+exp=pqpp", "deepspeed=zero3", *workspace.base, "progress=false",
+            f"run_dir={tmp_path / 'z3'}", "train.max_steps=1", "train.micro_batch_size=2", "train.grad_accum=2",
+            "save_final=false"]
+    r = subprocess.run(args, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _losses(tmp_path / "z3")[1] == pytest.approx(base, abs=1e-4)

@@ -65,6 +65,11 @@ class TinySpec:
     vision_embed: int = 32
     vision_heads: int = 2
     image_pixels: int = 112 * 112  # max_pixels of the image processor
+    # A tiny image is a 4x4 grid of tokens; with the usual theta the low rotary frequencies
+    # that multimodal RoPE gives the height/width axes barely turn over 4 positions, and
+    # Qwen2-VL's ViT has no absolute position embedding, so the LLM could not tell where
+    # an image token sits. A small theta makes those axes visible.
+    rope_theta: float = 10000.0
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -132,11 +137,11 @@ def _qwen_family_config(spec: TinySpec, tok: Any) -> Any:
     common = {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
               "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
     if spec.family == "qwen2vl":
-        text["rope_parameters"] = {"rope_type": "default", "mrope_section": section, "rope_theta": 10000.0}
+        text["rope_parameters"] = {"rope_type": "default", "mrope_section": section, "rope_theta": spec.rope_theta}
         vision |= {"embed_dim": spec.vision_embed, "hidden_size": spec.hidden_size}
         return AutoConfig.for_model("qwen2_vl", text_config=text, vision_config=vision, **common)
     if spec.family == "qwen2_5vl":
-        text["rope_parameters"] = {"rope_type": "default", "mrope_section": section, "rope_theta": 10000.0}
+        text["rope_parameters"] = {"rope_type": "default", "mrope_section": section, "rope_theta": spec.rope_theta}
         vision |= {"hidden_size": spec.vision_embed, "out_hidden_size": spec.hidden_size,
                    "intermediate_size": 2 * spec.vision_embed, "fullatt_block_indexes": [spec.vision_depth - 1],
                    "window_size": 56}
@@ -144,7 +149,7 @@ def _qwen_family_config(spec: TinySpec, tok: Any) -> Any:
     if spec.family == "qwen3vl":
         text |= {"head_dim": head_dim,
                  "rope_parameters": {"rope_type": "default", "mrope_section": section, "mrope_interleaved": True,
-                                     "rope_theta": 10000.0}}
+                                     "rope_theta": spec.rope_theta}}
         vision = {"depth": spec.vision_depth, "num_heads": spec.vision_heads, "hidden_size": spec.vision_embed,
                   "out_hidden_size": spec.hidden_size, "intermediate_size": 2 * spec.vision_embed,
                   "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
