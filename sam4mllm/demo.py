@@ -60,7 +60,10 @@ def _launch_training(cfg: Any, variant: str, common: list[str]) -> Path:
 
         shutil.rmtree(run_dir)
     overrides = [f"+exp={variant}", f"run_dir={run_dir}", *common, *cfg.train_overrides.get(variant, [])]
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(cfg.ranks)]
+    from sam4mllm.training.launch import free_port
+
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(cfg.ranks),
+                "--master_port", str(free_port())]  # another run may hold the default port
     cmd = [*launcher, "scripts/train.py", *overrides] if cfg.deepspeed else [
         sys.executable, "scripts/train.py", "deepspeed=none", *overrides]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
@@ -150,7 +153,7 @@ def run_demo(cfg: Any) -> list[list[Any]]:
         for view in VIEWS.values():
             ecfg = _compose("eval", [*common, f"dataset={view}", f"variant={variant}",
                                      f"checkpoint={runs[run] / 'final'}", f"out_dir={out / 'eval' / variant / view}",
-                                     f"eval.overlays={cfg.overlays}"])
+                                     f"eval.overlays={cfg.overlays}", *cfg.eval_overrides])
             metrics.append(evaluate(ecfg))
         rows.append(_row(label, *metrics))
     table = markdown_table(COLUMNS, rows, digits=3)

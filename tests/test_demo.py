@@ -22,8 +22,9 @@ def _cfg(tmp_path, out):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="demo", overrides=[
             f"paths.data_dir={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'outputs'}", f"out_dir={out}",
-            "synthetic.images={train:16,val:3,testA:1,testB:1}", "synthetic.reason_images={}",
-            "train_overrides.ppg=[train.max_steps=6]", "train_overrides.pqpp=[train.max_steps=6]", "overlays=2"])
+            "synthetic.images={train:12,val:2,testA:1,testB:1}", "synthetic.reason_images={}",
+            "train_overrides.ppg=['train.max_steps=2']", "train_overrides.pqpp=['train.max_steps=2']", "overlays=2",
+            "eval_overrides=['eval.max_new_tokens=24']"])
 
 
 def test_demo_pipeline_runs_end_to_end_and_is_deterministic(tmp_path, capsys):

@@ -184,7 +184,9 @@ def test_strip_local_rank(monkeypatch):
 
 
 def _deepspeed(workspace, run_dir, n_ranks: int | None, *extra: str) -> subprocess.CompletedProcess:
-    launcher = [str(Path(sys.executable).parent / "deepspeed")]
+    from sam4mllm.training.launch import free_port
+
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--master_port", str(free_port())]
     if n_ranks:
         launcher += ["--num_gpus", str(n_ranks)]
     cmd = [*launcher, "scripts/train.py", "+exp=pqpp", *workspace.base, f"run_dir={run_dir}", "progress=false",

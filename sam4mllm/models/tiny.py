@@ -210,13 +210,18 @@ def build_tiny(spec: TinySpec, out_dir: str | Path) -> Path:
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Several ranks may start at once: one builds while the others wait, then all reuse it.
-    with open(out.with_name(out.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        stamp = out / "tiny_spec.json"
-        if stamp.exists() and json.loads(stamp.read_text()).get("digest") == spec.digest():
-            return out
-        return _build(spec, out)
+    # Under torch.distributed only rank 0 writes (save_pretrained skips other ranks): it
+    # builds while the others wait at a barrier. The file lock covers separate jobs.
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:
+        with open(out.with_name(out.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            stamp = out / "tiny_spec.json"
+            if not (stamp.exists() and json.loads(stamp.read_text()).get("digest") == spec.digest()):
+                _build(spec, out)
+    if distributed:
+        torch.distributed.barrier()
+    return out
 
 
 def _build(spec: TinySpec, out: Path) -> Path:

@@ -23,3 +23,12 @@ def strip_local_rank(argv: list[str]) -> list[str]:
         else:
             out.append(a)
     return out
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for a launcher's ``--master_port``)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -60,13 +60,10 @@ def _init_distributed(use_deepspeed: bool) -> None:
         import deepspeed
 
         if "RANK" not in os.environ:  # `python scripts/train.py` without a launcher: a group of one
-            import socket
+            from sam4mllm.training.launch import free_port
 
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
             os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                               "MASTER_PORT": str(port)})
+                               "MASTER_PORT": str(free_port())})
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     elif not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend)
