@@ -27,8 +27,8 @@ from omegaconf import OmegaConf
 from sam4mllm import CONFIG_DIR
 from sam4mllm.data import build_dataset
 from sam4mllm.data.synthetic import generate_synthetic
-from sam4mllm.inference import SegmentResult
-from sam4mllm.labels import generate_labels
+from sam4mllm.inference import SegmentResult, segment_targets
+from sam4mllm.labels import generate_labels, pixels_in_box
 from sam4mllm.metrics import SegmentationMeter
 from sam4mllm.report import markdown_table
 
@@ -95,24 +95,17 @@ def baselines(segmenter: Any, seed: int) -> dict[str, Callable[[Any], SegmentRes
         return SegmentResult(list(segmenter.predict(box).masks), box)
 
     def oracle(s: Any) -> SegmentResult:
-        from sam4mllm.labels import _pool
-
         if not s.masks:
             return SegmentResult([], np.zeros((0, 4)), no_target=True)
         segmenter.set_image(s.image)
         pts, labels = [], []
         for m, b in zip(s.masks, s.boxes, strict=True):
-            pos, neg = _pool(m, b, True), _pool(m, b, False)
+            pos, neg = pixels_in_box(m, b, True), pixels_in_box(m, b, False)
             chosen = [pos[rng.integers(len(pos))] for _ in range(2)]
             chosen += [neg[rng.integers(len(neg))]] if len(neg) else []
             pts.append(np.array(chosen, float))
             labels.append(np.array([1, 1, 0][: len(chosen)]))
-        k = max(len(p) for p in pts)
-        P = np.zeros((len(pts), k, 2))
-        L = -np.ones((len(pts), k), int)
-        for i, (p, lb) in enumerate(zip(pts, labels, strict=True)):
-            P[i, : len(p)], L[i, : len(lb)] = p, lb
-        return SegmentResult(list(segmenter.predict(s.boxes, P, L).masks), s.boxes)
+        return SegmentResult(segment_targets(segmenter, s.boxes, pts, labels), s.boxes)
 
     return {"whole image": whole, "centre box -> segmenter": centre, "oracle: GT box + points -> segmenter": oracle}
 

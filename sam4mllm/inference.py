@@ -97,6 +97,21 @@ def sample_points(box: np.ndarray, size: tuple[int, int], cfg: PQPPConfig, rng: 
     return np.clip(np.floor(pts), 0, [w - 1, h - 1]).astype(np.int64)
 
 
+def segment_targets(segmenter: Segmenter, boxes: np.ndarray, points: Sequence[np.ndarray],
+                    labels: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """One mask per target (box + its points) in one segmenter call; shorter point lists are padded with -1."""
+    if len(boxes) == 0:
+        return []
+    k = max((len(p) for p in points), default=0)
+    if k == 0:
+        return list(segmenter.predict(np.asarray(boxes, float)).masks)
+    pts = np.zeros((len(boxes), k, 2))
+    lab = -np.ones((len(boxes), k), np.int64)
+    for i, (p, lb) in enumerate(zip(points, labels, strict=True)):
+        pts[i, : len(p)], lab[i, : len(lb)] = p, lb
+    return list(segmenter.predict(np.asarray(boxes, float), pts, lab).masks)
+
+
 class Sam4MLLM:
     """An MLLM (through its :class:`Adapter`) plus a :class:`Segmenter`.
 
@@ -152,19 +167,6 @@ class Sam4MLLM:
 
     def _to_pixels(self, values: Sequence[int], size: tuple[int, int]) -> np.ndarray:
         return self.adapter.coord_system().from_model(np.asarray(values, float), size)
-
-    def _segment(self, boxes: np.ndarray, points: list[np.ndarray], labels: list[np.ndarray]) -> list[np.ndarray]:
-        """One mask per target; targets are batched by the segmenter (padding label -1)."""
-        if len(boxes) == 0:
-            return []
-        k = max((len(p) for p in points), default=0)
-        if k == 0:
-            return list(self.segmenter.predict(boxes).masks)
-        pts = np.zeros((len(boxes), k, 2))
-        lab = -np.ones((len(boxes), k), np.int64)
-        for i, (p, lb) in enumerate(zip(points, labels, strict=True)):
-            pts[i, : len(p)], lab[i, : len(lb)] = p, lb
-        return list(self.segmenter.predict(boxes, pts, lab).masks)
 
     def _encode(self, dialog: Dialog, image: np.ndarray, open_last: bool) -> dict[str, torch.Tensor]:
         text = self.adapter.render(dialog, with_last_answer=not open_last)
@@ -335,7 +337,7 @@ class Sam4MLLM:
                 confs.append(conf[keep])
         t["round2"] = time.perf_counter()
         self.segmenter.set_image(image)  # cached: a no-op when this image is already embedded
-        masks = self._segment(boxes, points, labels)
+        masks = segment_targets(self.segmenter, boxes, points, labels)
         t["sam"] = time.perf_counter()
         timings = {"round1": t["round1"] - t["start"], "round2": t["round2"] - t["round1"],
                    "sam": t["sam"] - t["round2"], "total": t["sam"] - t["start"]}

@@ -44,7 +44,7 @@ def _box_pixels(box: np.ndarray, shape: tuple[int, int]) -> tuple[int, int, int,
     return x1, y1, x2, y2
 
 
-def _pool(mask: np.ndarray, box: np.ndarray, inside: bool) -> np.ndarray:
+def pixels_in_box(mask: np.ndarray, box: np.ndarray, inside: bool) -> np.ndarray:
     """``(N, 2)`` pixel ``(x, y)`` inside the box where ``mask == inside``."""
     x1, y1, x2, y2 = _box_pixels(box, mask.shape)
     ys, xs = np.nonzero(mask[y1:y2, x1:x2] == inside)
@@ -70,7 +70,7 @@ def ppg_label(
     """
     from sam4mllm.metrics import score_sample
 
-    pos_pool, neg_pool = _pool(mask, box, True), _pool(mask, box, False)
+    pos_pool, neg_pool = pixels_in_box(mask, box, True), pixels_in_box(mask, box, False)
     if len(pos_pool) == 0:
         raise ValueError("the target mask has no pixel inside its box")
     n_neg = n_neg if len(neg_pool) else 0
