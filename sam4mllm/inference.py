@@ -97,6 +97,24 @@ def sample_points(box: np.ndarray, size: tuple[int, int], cfg: PQPPConfig, rng: 
     return np.clip(np.floor(pts), 0, [w - 1, h - 1]).astype(np.int64)
 
 
+def _fork_cache(cache: Any, n: int) -> Any:
+    """``n`` copies of a prefix cache along the batch, leaving the original intact.
+
+    A forward rebinds the cache's tensors (it concatenates), so for plain dynamic layers
+    new layer objects over the same tensors suffice; anything else is deep-copied.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is not None and all(type(layer) is DynamicLayer for layer in layers):
+        fork = copy.copy(cache)
+        fork.layers = [copy.copy(layer) for layer in layers]
+    else:
+        fork = copy.deepcopy(cache)
+    fork.batch_repeat_interleave(n)
+    return fork
+
+
 def segment_targets(segmenter: Segmenter, boxes: np.ndarray, points: Sequence[np.ndarray],
                     labels: Sequence[np.ndarray]) -> list[np.ndarray]:
     """One mask per target (box + its points) in one segmenter call; shorter point lists are padded with -1."""
@@ -134,6 +152,7 @@ class Sam4MLLM:
         self.model = adapter.model.eval()
         self._glue_cache: tuple[str, str, str] | None = None
         self._glue_ids: tuple[list[int], list[int]] | None = None
+        self._glue_checked = False
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -221,7 +240,10 @@ class Sam4MLLM:
         head, foot = self._glue_ids
         body = tok(list(questions), add_special_tokens=False)["input_ids"]
         conts = [head + b + foot for b in body]
-        if conts and conts[0] != tok.encode(after + pre_q + questions[0] + post_q, add_special_tokens=False):
+        if conts and not self._glue_checked:
+            whole = tok.encode(after + pre_q + questions[0] + post_q, add_special_tokens=False)
+            self._glue_checked = conts[0] == whole  # a tokenizer that merges across the seams: whole texts
+        if not self._glue_checked:
             conts = tok([after + pre_q + q + post_q for q in questions], add_special_tokens=False)["input_ids"]
         tail = prefix.ids[start:]
         return [tail + c for c in conts]
@@ -260,8 +282,7 @@ class Sam4MLLM:
         for i, c in enumerate(conts):
             ids[i, : len(c)] = torch.tensor(c)
         last = torch.tensor([len(c) - 1 for c in conts])
-        cache = copy.deepcopy(prefix.cache)  # a forward appends to the cache in place: keep the prefix intact
-        cache.batch_repeat_interleave(n)
+        cache = _fork_cache(prefix.cache, n)
         attn = torch.cat([torch.ones(n, cached, dtype=torch.long),
                           (torch.arange(length)[None] <= last[:, None]).long()], 1)
         pos = cached + torch.arange(length)[None].expand(n, -1)

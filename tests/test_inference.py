@@ -33,6 +33,8 @@ def test_fast_pqpp_equals_one_forward_per_point(workspace, family):
     _, generated = m.generate(box_question("the blue square", "res"), IMAGE, keep_cache=True)
     for prefix in (m.prefix_from_dialog(given, IMAGE), generated):
         fy, fn = m.score_points(prefix, qs, fast=True)
+        again = m.score_points(prefix, qs, fast=True)  # the prefix cache must survive a scoring pass
+        np.testing.assert_array_equal(again[0], fy)
         sy, sn = m.score_points(prefix, qs, fast=False)
         np.testing.assert_allclose(fy, sy, atol=1e-4)
         np.testing.assert_allclose(fn, sn, atol=1e-4)
