@@ -218,3 +218,18 @@ def test_vqa_evaluation_uses_the_official_accuracy(workspace, tmp_path):
     m = evaluate(cfg, Answers())
     expected = 100 * np.mean([vqa_accuracy(r["answers"][0], r["answers"]) for r in ds.records])
     assert m["accuracy"] == pytest.approx(expected) and 0 < m["accuracy"] < 100
+
+
+def test_joint_round_two_first_step_equals_a_single_forward(workspace):
+    """Official-code joint mode: the first answer step's probabilities are those of one plain forward."""
+    adapter = instantiate(workspace("train", "+exp=pqpp").model)
+    m = Sam4MLLM(adapter, GrabCutSegmenter())
+    from sam4mllm.dialogs import joint_question
+
+    given = Dialog([(box_question("the red circle", "res"), adapter.fmt.encode([TargetPrompt((10, 20, 500, 600))]))])
+    pts = [Point(100, 200), Point(300, 400), Point(450, 550)]
+    q = joint_question(adapter.fmt, (10, 20, 500, 600), pts)
+    jy, jn = m.score_joint(given, IMAGE, q, len(pts))
+    ry, rn = m.score_points(m.prefix_from_dialog(given, IMAGE, with_cache=False), [q], fast=False)
+    assert jy.shape == (3,) and np.all(jy + jn <= 1 + 1e-6)
+    np.testing.assert_allclose([jy[0], jn[0]], [ry[0], rn[0]], atol=1e-5)
