@@ -7,6 +7,11 @@ Random-init tiny Qwen2-VL (speed does not depend on the weights). End to end, ea
 variant generates an answer of its realistic length -- a box (20 tokens) for PQPP
 round 1, a box and 3 labelled points (53 tokens) for PPG -- then PQPP scores a 5x5 grid
 and both call the GrabCut segmenter with box + points.
+
+The points round is also timed for larger images (more image tokens in the prefix):
+on a CPU the batched forward still computes every question token of all 25 points, so
+the ratio is bounded by about (prefix + question tokens) / question tokens plus the
+vision encoder that the naive path reruns; it grows with the prefix.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,33 +42,54 @@ def _median_ms(fn, n: int = 7) -> float:
     return 1000 * float(np.median(times))
 
 
+def _setup(tmp: Path, side: int) -> tuple[Any, Any]:
+    """A synthetic val sample of ``side`` x ``side`` pixels and a tiny model that keeps that resolution."""
+    root = tmp / f"synthetic_{side}"
+    generate_synthetic(root, SyntheticConfig(width=side, height=side, images={"val": 2}, reason_images={}))
+    sample = ReferDataset(root / "refer_seg", "refcoco", "val", root / "coco/train2014")[0]
+    return sample, build_adapter("qwen2vl", str(tmp / f"tiny_{side}"), tiny={"image_pixels": side * side})
+
+
+def points_round(pqpp: Sam4MLLM, sample: Any) -> tuple[int, int, float, float, float]:
+    """``(prefix tokens, question tokens, naive ms, fast ms, max |dP|)`` for a 5x5 grid in the GT box."""
+    adapter, size = pqpp.adapter, sample.size
+    box_px = sample.boxes[0]
+    box = tuple(int(v) for v in adapter.coord_system().to_model(box_px, size))
+    pts = adapter.coord_system().to_model(sample_points(box_px, size, PQPPConfig(), np.random.default_rng(0))
+                                          .astype(float), size)
+    questions = [point_question(adapter.fmt, box, Point(int(x), int(y))) for x, y in pts]
+    prefix = pqpp.prefix_from_dialog(Dialog([(box_question(sample.expression, "res"),
+                                              adapter.fmt.encode([TargetPrompt(box)]))]), sample.image)
+    fast = pqpp.score_points(prefix, questions, fast=True)
+    slow = pqpp.score_points(prefix, questions, fast=False)
+    diff = max(np.abs(fast[0] - slow[0]).max(), np.abs(fast[1] - slow[1]).max())
+    n_q = len(pqpp._continuations(prefix, questions[:1], len(prefix.ids))[0])
+    t_fast = _median_ms(lambda: pqpp.score_points(prefix, questions, fast=True))
+    t_slow = _median_ms(lambda: pqpp.score_points(prefix, questions, fast=False), n=3)
+    return len(prefix.ids), n_q, t_slow, t_fast, diff
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "synthetic"
-        generate_synthetic(root, SyntheticConfig(images={"val": 2}, reason_images={}))
-        sample = ReferDataset(root / "refer_seg", "refcoco", "val", root / "coco/train2014")[0]
-        adapter = build_adapter("qwen2vl", str(Path(tmp) / "tiny"), tiny={})
+        setups = {side: _setup(Path(tmp), side) for side in (112, 224, 448)}
+    sample, adapter = setups[112]
     image, size = sample.image, sample.size
     seg = GrabCutSegmenter()
     pqpp = Sam4MLLM(adapter, seg, "pqpp", max_new_tokens=20, min_new_tokens=20)
     ppg = Sam4MLLM(adapter, seg, "ppg", max_new_tokens=53, min_new_tokens=53)
+    print("| points round, 25 points | prefix tokens | question tokens | naive ms | fast ms | speed-up | max dP |")
+    print("|---|---|---|---|---|---|---|")
+    for side, (s, a) in setups.items():
+        n_prefix, n_q, t_slow, t_fast, diff = points_round(Sam4MLLM(a, seg, "pqpp") if side != 112 else pqpp, s)
+        default = " (the test model)" if side == 112 else ""
+        print(f"| {side}x{side} image{default} | {n_prefix} | {n_q} | {t_slow:.1f} | {t_fast:.1f} | "
+              f"{t_slow / t_fast:.1f}x | {diff:.1e} |")
+
     box_px = sample.boxes[0]
-    box = tuple(int(v) for v in adapter.coord_system().to_model(box_px, size))
     pts_px = sample_points(box_px, size, PQPPConfig(), np.random.default_rng(0))
+    box = tuple(int(v) for v in adapter.coord_system().to_model(box_px, size))
     pts = adapter.coord_system().to_model(pts_px.astype(float), size)
     questions = [point_question(adapter.fmt, box, Point(int(x), int(y))) for x, y in pts]
-    prefix = pqpp.prefix_from_dialog(Dialog([(box_question(sample.expression, "res"),
-                                              adapter.fmt.encode([TargetPrompt(box)]))]), image)
-    fast = pqpp.score_points(prefix, questions, fast=True)
-    slow = pqpp.score_points(prefix, questions, fast=False)
-    diff = max(np.abs(fast[0] - slow[0]).max(), np.abs(fast[1] - slow[1]).max())
-    t_fast = _median_ms(lambda: pqpp.score_points(prefix, questions, fast=True))
-    t_slow = _median_ms(lambda: pqpp.score_points(prefix, questions, fast=False), n=3)
-    print("| points round, 25 points | ms | ")
-    print("|---|---|")
-    print(f"| naive: 25 full forwards | {t_slow:.1f} |")
-    print(f"| fast: one batched forward over the cached prefix | {t_fast:.1f} |")
-    print(f"speed-up {t_slow / t_fast:.1f}x; max |P_fast - P_naive| = {diff:.2e}")
 
     seg.set_image(image)
     labels = np.array([[1] * 12 + [0] * 13])
