@@ -83,7 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", nargs="+", default=["qwen2vl", "qwen3vl"], choices=sorted(PIXELS))
     ap.add_argument("--objects", nargs=2, type=int, default=[1, 1], help="min and max objects per image")
-    ap.add_argument("--images", type=int, default=1000, help="training images")
+    ap.add_argument("--images", type=int, default=2000, help="training images")
     ap.add_argument("--steps", type=int, default=1300)
     ap.add_argument("--every", type=int, default=325)
     args = ap.parse_args()
