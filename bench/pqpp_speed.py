@@ -50,14 +50,19 @@ def _setup(tmp: Path, side: int) -> tuple[Any, Any]:
     return sample, build_adapter("qwen2vl", str(tmp / f"tiny_{side}"), tiny={"image_pixels": side * side})
 
 
+def grid_questions(adapter: Any, sample: Any) -> tuple[tuple[int, ...], np.ndarray, list[str]]:
+    """The GT box in model units, a 5x5 grid in it (pixels) and the 25 point questions."""
+    cs, size = adapter.coord_system(), sample.size
+    pts_px = sample_points(sample.boxes[0], size, PQPPConfig(), np.random.default_rng(0))
+    box = tuple(int(v) for v in cs.to_model(sample.boxes[0], size))
+    pts = cs.to_model(pts_px.astype(float), size)
+    return box, pts_px, [point_question(adapter.fmt, box, Point(int(x), int(y))) for x, y in pts]
+
+
 def points_round(pqpp: Sam4MLLM, sample: Any) -> tuple[int, int, float, float, float]:
     """``(prefix tokens, question tokens, naive ms, fast ms, max |dP|)`` for a 5x5 grid in the GT box."""
-    adapter, size = pqpp.adapter, sample.size
-    box_px = sample.boxes[0]
-    box = tuple(int(v) for v in adapter.coord_system().to_model(box_px, size))
-    pts = adapter.coord_system().to_model(sample_points(box_px, size, PQPPConfig(), np.random.default_rng(0))
-                                          .astype(float), size)
-    questions = [point_question(adapter.fmt, box, Point(int(x), int(y))) for x, y in pts]
+    adapter = pqpp.adapter
+    box, _, questions = grid_questions(adapter, sample)
     prefix = pqpp.prefix_from_dialog(Dialog([(box_question(sample.expression, "res"),
                                               adapter.fmt.encode([TargetPrompt(box)]))]), sample.image)
     fast = pqpp.score_points(prefix, questions, fast=True)
@@ -73,23 +78,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         setups = {side: _setup(Path(tmp), side) for side in (112, 224, 448)}
     sample, adapter = setups[112]
-    image, size = sample.image, sample.size
+    image = sample.image
     seg = GrabCutSegmenter()
     pqpp = Sam4MLLM(adapter, seg, "pqpp", max_new_tokens=20, min_new_tokens=20)
     ppg = Sam4MLLM(adapter, seg, "ppg", max_new_tokens=53, min_new_tokens=53)
     print("| points round, 25 points | prefix tokens | question tokens | naive ms | fast ms | speed-up | max dP |")
     print("|---|---|---|---|---|---|---|")
     for side, (s, a) in setups.items():
-        n_prefix, n_q, t_slow, t_fast, diff = points_round(Sam4MLLM(a, seg, "pqpp") if side != 112 else pqpp, s)
+        n_prefix, n_q, t_slow, t_fast, diff = points_round(Sam4MLLM(a, seg, "pqpp"), s)
         default = " (the test model)" if side == 112 else ""
         print(f"| {side}x{side} image{default} | {n_prefix} | {n_q} | {t_slow:.1f} | {t_fast:.1f} | "
               f"{t_slow / t_fast:.1f}x | {diff:.1e} |")
 
     box_px = sample.boxes[0]
-    pts_px = sample_points(box_px, size, PQPPConfig(), np.random.default_rng(0))
-    box = tuple(int(v) for v in adapter.coord_system().to_model(box_px, size))
-    pts = adapter.coord_system().to_model(pts_px.astype(float), size)
-    questions = [point_question(adapter.fmt, box, Point(int(x), int(y))) for x, y in pts]
+    _, pts_px, questions = grid_questions(adapter, sample)
 
     seg.set_image(image)
     labels = np.array([[1] * 12 + [0] * 13])
