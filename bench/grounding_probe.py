@@ -24,27 +24,25 @@ from torchvision.ops import box_iou
 from sam4mllm.data.refer import ReferDataset
 from sam4mllm.data.synthetic import SyntheticConfig, generate_synthetic
 from sam4mllm.dialogs import Dialog, box_question
+from sam4mllm.inference import Sam4MLLM
 from sam4mllm.models import build_adapter
+from sam4mllm.sam.grabcut import GrabCutSegmenter
 
 # Qwen3-VL's patch is 16 px: a 128-px input gives the same 4x4 token grid as Qwen2-VL's 112 px.
 PIXELS = {"qwen2vl": 112 * 112, "qwen3vl": 128 * 128}
 
 
-def val_box_iou(adapter, samples) -> float:
-    """Mean IoU of the greedy box answer with the GT box (0 when no box parses)."""
-    model, cs, ious = adapter.model, adapter.coord_system(), []
-    model.eval()
-    with torch.inference_mode():
-        for s in samples:
-            model.model.rope_deltas = None  # Qwen-VL caches rotary offsets per prompt
-            inputs = adapter.model_inputs(adapter.render(Dialog([(box_question(s.expression, "res"), "")]),
-                                                         with_last_answer=False), s.image)
-            out = model.generate(**inputs, max_new_tokens=24, do_sample=False, pad_token_id=adapter.pad_id)
-            parsed = adapter.fmt.parse(adapter.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:]))
-            box = (cs.from_model(np.asarray(parsed.targets[0].box, float).reshape(2, 2), s.size).reshape(4)
-                   if parsed.targets else None)
-            ious.append(0.0 if box is None else float(box_iou(torch.tensor(box[None]), torch.tensor(s.boxes[:1]))))
-    model.train()
+def val_box_iou(predictor: Sam4MLLM, samples: list) -> float:
+    """Mean IoU of the greedy round-1 box with the GT box (0 when no box parses)."""
+    adapter, ious = predictor.adapter, []
+    cs = adapter.coord_system()
+    for s in samples:
+        text, _ = predictor.generate(box_question(s.expression, "res"), s.image)
+        parsed = adapter.fmt.parse(text)
+        box = (cs.from_model(np.asarray(parsed.targets[0].box, float).reshape(2, 2), s.size).reshape(4)
+               if parsed.targets else None)
+        ious.append(0.0 if box is None else float(box_iou(torch.tensor(box[None]), torch.tensor(s.boxes[:1]))))
+    adapter.model.train()  # the predictor put it in eval mode
     return float(np.mean(ious))
 
 
@@ -72,7 +70,8 @@ def probe(family: str, root: Path, tmp: Path, steps: int, every: int) -> list[tu
         opt.zero_grad()
         losses.append(loss.item())
         if step % every == 0 or step == steps:
-            rows.append((step, float(np.mean(losses)), val_box_iou(adapter, val)))
+            predictor = Sam4MLLM(adapter, GrabCutSegmenter(), max_new_tokens=24)
+            rows.append((step, float(np.mean(losses)), val_box_iou(predictor, val)))
             losses = []
             print(f"  {family} step {step} ({time.perf_counter() - t0:.0f} s): loss {rows[-1][1]:.3f}, "
                   f"val box IoU {rows[-1][2]:.3f}", flush=True)
