@@ -60,7 +60,7 @@ def grid_questions(adapter: Any, sample: Any) -> tuple[tuple[int, ...], np.ndarr
 
 
 def points_round(pqpp: Sam4MLLM, sample: Any) -> tuple[int, int, float, float, float]:
-    """``(prefix tokens, question tokens, naive ms, fast ms, max |dP|)`` for a 5x5 grid in the GT box."""
+    """``(prefix, shared, per-point tokens, naive ms, fast ms, max |dP|)`` for a 5x5 grid in the GT box."""
     adapter = pqpp.adapter
     box, _, questions = grid_questions(adapter, sample)
     prefix = pqpp.prefix_from_dialog(Dialog([(box_question(sample.expression, "res"),
@@ -68,10 +68,10 @@ def points_round(pqpp: Sam4MLLM, sample: Any) -> tuple[int, int, float, float, f
     fast = pqpp.score_points(prefix, questions, fast=True)
     slow = pqpp.score_points(prefix, questions, fast=False)
     diff = max(np.abs(fast[0] - slow[0]).max(), np.abs(fast[1] - slow[1]).max())
-    n_q = len(pqpp._continuations(prefix, questions[:1], len(prefix.ids))[0])
+    shared, conts = pqpp._continuations(prefix, questions, len(prefix.ids))
     t_fast = _median_ms(lambda: pqpp.score_points(prefix, questions, fast=True))
     t_slow = _median_ms(lambda: pqpp.score_points(prefix, questions, fast=False), n=3)
-    return len(prefix.ids), n_q, t_slow, t_fast, diff
+    return len(prefix.ids), len(shared), max(map(len, conts)), t_slow, t_fast, diff
 
 
 def main() -> None:
@@ -82,12 +82,13 @@ def main() -> None:
     seg = GrabCutSegmenter()
     pqpp = Sam4MLLM(adapter, seg, "pqpp", max_new_tokens=20, min_new_tokens=20)
     ppg = Sam4MLLM(adapter, seg, "ppg", max_new_tokens=53, min_new_tokens=53)
-    print("| points round, 25 points | prefix tokens | question tokens | naive ms | fast ms | speed-up | max dP |")
-    print("|---|---|---|---|---|---|---|")
+    print("| points round, 25 points | prefix tokens | shared question tokens | per-point tokens | naive ms | "
+          "fast ms | speed-up | max dP |")
+    print("|---|---|---|---|---|---|---|---|")
     for side, (s, a) in setups.items():
-        n_prefix, n_q, t_slow, t_fast, diff = points_round(Sam4MLLM(a, seg, "pqpp"), s)
+        n_prefix, n_shared, n_point, t_slow, t_fast, diff = points_round(Sam4MLLM(a, seg, "pqpp"), s)
         default = " (the test model)" if side == 112 else ""
-        print(f"| {side}x{side} image{default} | {n_prefix} | {n_q} | {t_slow:.1f} | {t_fast:.1f} | "
+        print(f"| {side}x{side} image{default} | {n_prefix} | {n_shared} | {n_point} | {t_slow:.1f} | {t_fast:.1f} | "
               f"{t_slow / t_fast:.1f}x | {diff:.1e} |")
 
     box_px = sample.boxes[0]

@@ -23,7 +23,9 @@ from sam4mllm.codec import Point, PromptFormat, TargetPrompt
 BOX_PROMPT = 'Please provide the bounding box coordinate of the region this sentence describes ({n}): "{expr}"'
 PPG_PROMPT = ('Please provide the bounding box and the prompt points of the region this sentence describes '
               '({n}): "{expr}"')
-POINT_PROMPT = "Is the point {point} located on the object with coordinates {box}?"
+# The point comes last so that the text every question of a box shares is a common
+# prefix: fast PQPP encodes it once per box and only the point per question.
+POINT_PROMPT = "Is this point located on the object with coordinates {box}? {point}"
 JOINT_PROMPT = "Check if the points listed below are located on the object with coordinates {box}:\n{points}"
 VQA_PROMPT = "{question}\nAnswer the question using a single word or phrase."
 YES, NO = "Yes", "No"

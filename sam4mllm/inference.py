@@ -8,14 +8,16 @@
 * **box-only**: round 1 alone, the box straight to the segmenter (a baseline).
 
 Fast PQPP encodes image + dialog prefix once and scores every point question of a box
-in ONE batched forward over a copy of the prefix cache, reading ``P(Yes)`` / ``P(No)``
-from the logits without ``generate()``. :meth:`Sam4MLLM.score_points` with
+in ONE forward over a copy of the prefix cache -- the text the questions share once,
+then each question's own tokens (the point) packed under a block attention mask --
+reading ``P(Yes)`` / ``P(No)`` from the logits without ``generate()``. :meth:`Sam4MLLM.score_points` with
 ``fast=False`` is the reference: one full independent forward per point.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import time
 import zlib
 from collections.abc import Sequence
@@ -97,8 +99,8 @@ def sample_points(box: np.ndarray, size: tuple[int, int], cfg: PQPPConfig, rng: 
     return np.clip(np.floor(pts), 0, [w - 1, h - 1]).astype(np.int64)
 
 
-def _fork_cache(cache: Any, n: int) -> Any:
-    """``n`` copies of a prefix cache along the batch, leaving the original intact.
+def _copy_cache(cache: Any) -> Any:
+    """A copy of a prefix cache that a forward may extend, leaving the original intact.
 
     A forward rebinds the cache's tensors (it concatenates), so for plain dynamic layers
     new layer objects over the same tensors suffice; anything else is deep-copied.
@@ -109,10 +111,8 @@ def _fork_cache(cache: Any, n: int) -> Any:
     if layers is not None and all(type(layer) is DynamicLayer for layer in layers):
         fork = copy.copy(cache)
         fork.layers = [copy.copy(layer) for layer in layers]
-    else:
-        fork = copy.deepcopy(cache)
-    fork.batch_repeat_interleave(n)
-    return fork
+        return fork
+    return copy.deepcopy(cache)
 
 
 def segment_targets(segmenter: Segmenter, boxes: np.ndarray, points: Sequence[np.ndarray],
@@ -152,7 +152,6 @@ class Sam4MLLM:
         self.model = adapter.model.eval()
         self._glue_cache: tuple[str, str, str] | None = None
         self._glue_ids: tuple[list[int], list[int]] | None = None
-        self._glue_checked = False
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -224,13 +223,16 @@ class Sam4MLLM:
             cache = self.model(**trimmed, use_cache=True).past_key_values
         return Prefix(trimmed, ids, cache, self._rope_deltas())
 
-    def _continuations(self, prefix: Prefix, questions: Sequence[str], start: int) -> list[list[int]]:
-        """Tokens from position ``start`` of the prefix to the opening of each question's answer.
+    def _continuations(self, prefix: Prefix, questions: Sequence[str], start: int, split: bool = True
+                       ) -> tuple[list[int], list[list[int]]]:
+        """``(shared, per question)`` tokens from position ``start`` of the prefix to each answer's opening.
 
-        The template text around a question ends and starts at special tokens, so it is
-        tokenised once and only the questions per call; the first question is checked
-        against tokenising the whole text, and a tokenizer that merges across the
-        boundary falls back to the whole text.
+        ``shared`` is everything the questions have in common up to a word boundary (with the
+        point last, all of a box's question text but the point), encoded once. The template
+        text around a question ends and starts at special tokens, so it is tokenised once
+        per predictor. The first question is checked against tokenising its whole text;
+        a tokenizer that merges across a seam falls back to whole texts, nothing shared.
+        ``split=False`` (the reference) tokenises every question's whole text.
         """
         tok = self.adapter.tokenizer
         after, pre_q, post_q = self._glue()
@@ -238,15 +240,15 @@ class Sam4MLLM:
             self._glue_ids = (tok.encode(after + pre_q, add_special_tokens=False),
                               tok.encode(post_q, add_special_tokens=False))
         head, foot = self._glue_ids
-        body = tok(list(questions), add_special_tokens=False)["input_ids"]
-        conts = [head + b + foot for b in body]
-        if conts and not self._glue_checked:
-            whole = tok.encode(after + pre_q + questions[0] + post_q, add_special_tokens=False)
-            self._glue_checked = conts[0] == whole  # a tokenizer that merges across the seams: whole texts
-        if not self._glue_checked:
+        stem = os.path.commonprefix(list(questions)) if len(questions) > 1 else ""  # noqa: RUF071 (text)
+        stem = stem[: max(stem.rfind(" "), 0)]
+        whole = after + pre_q + questions[0] + post_q
+        ids = tok([whole, stem, *(q[len(stem):] for q in questions)], add_special_tokens=False)["input_ids"]
+        shared, conts = prefix.ids[start:] + head + ids[1], [b + foot for b in ids[2:]]
+        if not split or head + ids[1] + conts[0] != ids[0]:
+            shared = prefix.ids[start:]
             conts = tok([after + pre_q + q + post_q for q in questions], add_special_tokens=False)["input_ids"]
-        tail = prefix.ids[start:]
-        return [tail + c for c in conts]
+        return shared, conts
 
     def _yes_no(self, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         p = torch.softmax(logits.float(), -1)[:, [self.adapter.yes_id, self.adapter.no_id]].cpu().numpy()
@@ -257,14 +259,17 @@ class Sam4MLLM:
                      ) -> tuple[np.ndarray, np.ndarray]:
         """``(P(Yes), P(No))`` (full-vocabulary softmax) for each question asked right after ``prefix``.
 
-        ``fast``: one batched forward of all questions over a copy of the prefix cache.
+        ``fast``: one forward of all questions, packed, over a copy of the prefix cache.
         Otherwise the reference: one full, independent forward (image included) per question.
         """
+        if not questions:
+            return np.zeros(0), np.zeros(0)
         n_prompt = prefix.inputs["input_ids"].shape[1]
         if not fast:
+            shared, conts = self._continuations(prefix, questions, n_prompt, split=False)
             rows = []
-            for cont in self._continuations(prefix, questions, n_prompt):
-                ids = torch.tensor([prefix.ids[:n_prompt] + cont], device=self._device)
+            for cont in conts:
+                ids = torch.tensor([prefix.ids[:n_prompt] + shared + cont], device=self._device)
                 inputs = {k: v for k, v in prefix.inputs.items() if k not in _PER_TOKEN}
                 extra = ids.shape[1] - n_prompt
                 if "mm_token_type_ids" in prefix.inputs:
@@ -275,23 +280,33 @@ class Sam4MLLM:
             return self._yes_no(torch.stack(rows))
         if prefix.cache is None:
             raise ValueError("fast scoring needs a prefix built with its cache")
+        attn_impl = self.model.config._attn_implementation
+        if attn_impl not in ("sdpa", "eager"):
+            raise ValueError(f"fast PQPP scoring passes a custom 4-D attention mask, which {attn_impl!r} does not "
+                             "take: load the model with attn_implementation=sdpa, or set pqpp.fast=false")
         cached = prefix.cache.get_seq_length()
-        conts = self._continuations(prefix, questions, cached)
-        n, length = len(conts), max(len(c) for c in conts)
-        ids = torch.full((n, length), self.adapter.pad_id, dtype=torch.long)
-        for i, c in enumerate(conts):
-            ids[i, : len(c)] = torch.tensor(c)
-        last = torch.tensor([len(c) - 1 for c in conts])
-        cache = _fork_cache(prefix.cache, n)
-        attn = torch.cat([torch.ones(n, cached, dtype=torch.long),
-                          (torch.arange(length)[None] <= last[:, None]).long()], 1)
-        pos = cached + torch.arange(length)[None].expand(n, -1)
+        shared, conts = self._continuations(prefix, questions, cached)
+        # One sequence: the shared text, then every question's own tokens back to back. Each
+        # question sees the prefix, the shared text and itself (a block mask), and its positions
+        # continue from the shared text, so it is scored exactly as if it had been asked alone.
+        n_s, lens = len(shared), torch.tensor([len(c) for c in conts])
+        ends = n_s + lens.cumsum(0)
+        owner = torch.cat([torch.full((n_s,), -1), torch.repeat_interleave(torch.arange(len(conts)), lens)])
+        rel = torch.arange(len(owner))
+        rel[n_s:] -= (ends - lens - n_s).repeat_interleave(lens)  # each question restarts after the shared text
+        causal = torch.arange(len(owner))[None, :] <= torch.arange(len(owner))[:, None]
+        sees = causal & ((owner[None, :] == -1) | (owner[None, :] == owner[:, None]))
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros(1, 1, len(owner), cached + len(owner), dtype=dtype)
+        mask[..., cached:].masked_fill_(~sees, torch.finfo(dtype).min)
+        pos = (cached + rel)[None]
         if prefix.rope_deltas is not None:  # Qwen-VL's 3-D rotary positions: text after the image is offset
             pos = (pos + prefix.rope_deltas.cpu()[:1]).unsqueeze(0).expand(3, -1, -1)
         dev = self._device
-        out = self.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
-                         cache=cache, use_cache=True)
-        return self._yes_no(out.logits[torch.arange(n), last.to(out.logits.device)])
+        out = self.model(input_ids=torch.tensor([shared + [t for c in conts for t in c]], device=dev),
+                         attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                         cache=_copy_cache(prefix.cache), use_cache=True, logits_to_keep=(ends - 1).to(dev))
+        return self._yes_no(out.logits[0])
 
     @torch.inference_mode()
     def score_joint(self, prefix: Dialog, image: np.ndarray, question: str, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -32,6 +32,9 @@ def test_fast_pqpp_equals_one_forward_per_point(workspace, family):
     given = Dialog([(box_question("the red circle", "res"), adapter.fmt.encode([TargetPrompt((10, 20, 500, 600))]))])
     _, generated = m.generate(box_question("the blue square", "res"), IMAGE, keep_cache=True)
     for prefix in (m.prefix_from_dialog(given, IMAGE), generated):
+        shared, conts = m._continuations(prefix, qs, len(prefix.ids))
+        # the box's question text is encoded once; what is left per question is the point (and template)
+        assert len(shared) > max(map(len, conts)) and len({len(c) for c in conts}) <= 3
         fy, fn = m.score_points(prefix, qs, fast=True)
         again = m.score_points(prefix, qs, fast=True)  # the prefix cache must survive a scoring pass
         np.testing.assert_array_equal(again[0], fy)

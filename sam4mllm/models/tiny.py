@@ -24,7 +24,7 @@ from sam4mllm import dialogs
 from sam4mllm.codec import FORMATS, Point, TargetPrompt
 from sam4mllm.data.synthetic import COLOR_RIDDLES, COLORS, NUMBER_WORDS, SHAPE_RIDDLES, SHAPES, SIZES
 
-BUILDER_VERSION = 1  # bump when the tokenizer corpus or the builder changes, so cached folders rebuild
+BUILDER_VERSION = 2  # bump when the tokenizer corpus or the builder changes, so cached folders rebuild
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -84,7 +84,8 @@ def tokenizer_corpus(seed: int = 0, n: int = 4000) -> list[str]:
     words = list(COLORS) + list(SHAPES) + [s + "s" for s in SHAPES] + list(SIZES) + list(NUMBER_WORDS)
     words += ["left", "right", "top", "bottom", "above", "below", "all", "the", "of", "on", "at", "shape", "shapes"]
     riddles = [r for rs in SHAPE_RIDDLES.values() for r in rs] + list(COLOR_RIDDLES.values())
-    out = ["Yes", "No", "Yes No", "No object found.", "You are a helpful assistant."] * 50
+    # The chat roles too: the template puts them after a special token, where they are words of their own.
+    out = ["Yes", "No", "Yes No", "No object found.", "You are a helpful assistant.", "user", "assistant"] * 50
     for _ in range(n):
         expr = " ".join(rng.choice(words, size=int(rng.integers(2, 7))))
         fmt = FORMATS[str(rng.choice(list(FORMATS)))]
