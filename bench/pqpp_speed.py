@@ -1,4 +1,4 @@
-"""PQPP's points round, fast (shared prefix, one batched forward) vs naive (one full forward per point),
+"""PQPP's points round, fast (shared prefix, one packed forward) vs naive (one full forward per point),
 and end-to-end latency of PQPP vs PPG on the same tiny model.
 
     python bench/pqpp_speed.py
@@ -9,9 +9,9 @@ round 1, a box and 3 labelled points (53 tokens) for PPG -- then PQPP scores a 5
 and both call the GrabCut segmenter with box + points.
 
 The points round is also timed for larger images (more image tokens in the prefix):
-on a CPU the batched forward still computes every question token of all 25 points, so
-the ratio is bounded by about (prefix + question tokens) / question tokens plus the
-vision encoder that the naive path reruns; it grows with the prefix.
+the fast path computes the box's shared question text once and each point's own tokens,
+while the naive path reruns the vision encoder, the prefix and the whole question per
+point, so the ratio grows with the prefix.
 """
 
 from __future__ import annotations
