@@ -82,6 +82,18 @@ def test_synthetic_refer_masks_roundtrip_exactly(synthetic):
     assert kinds == {"list", "dictstr", "dictlist"}  # polygons, compressed and raw RLE all exercised
 
 
+def test_synthetic_expression_kinds_take_turns(synthetic):
+    # Relative phrases outnumber the others combinatorially; drawn uniformly they were ~90%.
+    def kind(expr: str) -> str:
+        if any(f" {w} the " in expr for w in ("left of", "right of", "above", "below")):
+            return "relative"
+        return "absolute" if any(w in expr for w in ("on the", "at the")) else "attribute"
+
+    texts = [s.expression for split in ("train", "val") for s in refer(synthetic.root, split=split)]
+    shares = {k: sum(kind(t) == k for t in texts) / len(texts) for k in ("attribute", "absolute", "relative")}
+    assert all(0.15 < v < 0.5 for v in shares.values()), shares
+
+
 def test_synthetic_gres_has_multi_and_no_target(synthetic):
     ds = refer(synthetic.root, name="grefcoco", split="train", refs_file="grefs(unc).json")
     samples = list(ds)

@@ -40,7 +40,7 @@ from pycocotools import mask as mask_utils
 
 from sam4mllm.data.masks import encode_rle, encode_uncompressed_rle
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (214, 39, 40),
     "green": (44, 160, 44),
@@ -199,9 +199,10 @@ def _groups(objects: list[Obj]) -> dict[str, list[int]]:
     return out
 
 
-def _position_phrases(objects: list[Obj], groups: dict[str, list[int]], margin: float) -> list[tuple[str, int]]:
-    """``(expression, index)`` for objects singled out by absolute or relative position."""
-    out: list[tuple[str, int]] = []
+def _position_phrases(objects: list[Obj], groups: dict[str, list[int]], margin: float
+                      ) -> list[tuple[str, int, str]]:
+    """``(expression, index, kind)`` for objects singled out by ``absolute`` or ``relative`` position."""
+    out: list[tuple[str, int, str]] = []
     axes = {"on the left": (0, -1), "on the right": (0, 1), "at the top": (1, -1), "at the bottom": (1, 1)}
     rel = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}
     for phrase, members in groups.items():
@@ -211,7 +212,7 @@ def _position_phrases(objects: list[Obj], groups: dict[str, list[int]], margin: 
             key = sorted(members, key=lambda i: sign * (objects[i].cx, objects[i].cy)[axis], reverse=True)
             a, b = ((objects[key[0]].cx, objects[key[0]].cy)[axis], (objects[key[1]].cx, objects[key[1]].cy)[axis])
             if abs(a - b) > margin:
-                out.append((f"the {_noun(phrase)} {words}", key[0]))
+                out.append((f"the {_noun(phrase)} {words}", key[0], "absolute"))
     uniques = {p: m[0] for p, m in groups.items() if len(m) == 1}
     for phrase, members in groups.items():
         for ref_phrase, ref in uniques.items():
@@ -223,25 +224,37 @@ def _position_phrases(objects: list[Obj], groups: dict[str, list[int]], margin: 
                 hits = [i for i, v in d.items() if v > margin]
                 # Exactly one clear hit and nothing borderline, so the phrase is unambiguous.
                 if len(hits) == 1 and not any(0 < v <= margin for v in d.values()):
-                    out.append((f"the {_noun(phrase)} {words} the {_noun(ref_phrase)}", hits[0]))
+                    out.append((f"the {_noun(phrase)} {words} the {_noun(ref_phrase)}", hits[0], "relative"))
     return out
 
 
 def referring_expressions(scene: Scene, rng: np.random.Generator, k: int) -> dict[int, list[str]]:
-    """Up to ``k`` expressions per object, each describing that object alone."""
+    """Up to ``k`` expressions per object, each describing that object alone.
+
+    Candidates are of three kinds -- attributes, absolute position, relative position --
+    and the kinds take turns in a random order. Relative phrases outnumber the others
+    combinatorially (every phrase x every reference x 4 relations): drawn uniformly they
+    were ~90% of all expressions, unlike refCOCO, where attributes and absolute
+    positions are the common case.
+    """
     groups = _groups(scene.objects)
-    cands: dict[int, list[str]] = {}
+    cands: dict[int, dict[str, set[str]]] = {}
     for phrase, members in groups.items():
         if len(members) == 1:
-            cands.setdefault(members[0], []).append(f"the {_noun(phrase)}")
+            cands.setdefault(members[0], {}).setdefault("attribute", set()).add(f"the {_noun(phrase)}")
     margin = 0.08 * scene.image.shape[1]
-    for text, i in _position_phrases(scene.objects, groups, margin):
-        cands.setdefault(i, []).append(text)
+    for text, i, kind in _position_phrases(scene.objects, groups, margin):
+        cands.setdefault(i, {}).setdefault(kind, set()).add(text)
     out = {}
-    for i, texts in sorted(cands.items()):
-        texts = sorted(set(texts))
-        pick = rng.choice(len(texts), size=min(k, len(texts)), replace=False)
-        out[i] = [texts[j] for j in sorted(pick)]
+    for i, kinds in sorted(cands.items()):
+        pools = {kind: sorted(texts) for kind, texts in sorted(kinds.items())}
+        order = [list(pools)[j] for j in rng.permutation(len(pools))]
+        picked: list[str] = []
+        while len(picked) < k and any(pools.values()):
+            for kind in order:
+                if pools[kind] and len(picked) < k:
+                    picked.append(pools[kind].pop(int(rng.integers(len(pools[kind])))))
+        out[i] = sorted(picked)
     return out
 
 
