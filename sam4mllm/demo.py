@@ -124,7 +124,7 @@ def run_demo(cfg: Any) -> list[list[Any]]:
     print("== 1. synthetic benchmark", flush=True)
     generate_synthetic(data_dir / "synthetic", instantiate(cfg.synthetic))
     paths = [f"paths.data_dir={data_dir}", f"paths.output_dir={cfg.paths.output_dir}"]
-    common = [*paths, f"model={cfg.model}"]
+    common = [*paths, f"model={cfg.backbone}"]
     print("== 2. PPG and PQPP labels with the offline segmenter", flush=True)
     for variant in ("ppg", "pqpp"):
         for view in VIEWS.values():

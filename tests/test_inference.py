@@ -211,15 +211,16 @@ def test_vqa_evaluation_uses_the_official_accuracy(workspace, tmp_path):
 
     from sam4mllm.sam.base import image_digest
 
-    first = {(ds[i].expression, image_digest(ds[i].image)): r["answers"][0] for i, r in enumerate(ds.records)}
+    # Every other question gets the first human answer as that human spelled it, the rest a wrong one.
+    given = [r["answers"][0] if i % 2 == 0 else "zebra" for i, r in enumerate(ds.records)]
+    lookup = {(ds[i].expression, image_digest(ds[i].image)): a for i, a in enumerate(given)}
 
     class Answers:
         def generate(self, question, image, keep_cache=False):
-            expr = question.split("\n")[0]
-            return first[(expr, image_digest(image))], None  # the first human answer, as that human spelled it
+            return lookup[(question.split("\n")[0], image_digest(image))], None
 
     m = evaluate(cfg, Answers())
-    expected = 100 * np.mean([vqa_accuracy(r["answers"][0], r["answers"]) for r in ds.records])
+    expected = 100 * np.mean([vqa_accuracy(a, r["answers"]) for a, r in zip(given, ds.records, strict=True)])
     assert m["accuracy"] == pytest.approx(expected) and 0 < m["accuracy"] < 100
 
 

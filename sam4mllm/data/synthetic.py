@@ -348,8 +348,9 @@ def generate_synthetic(out_dir: str | Path, cfg: SyntheticConfig | None = None) 
         old = json.loads(manifest.read_text())
         if old.get("digest") != cfg.digest():
             raise FileExistsError(
-                f"{out} holds a synthetic benchmark from another config (digest {old.get('digest')} != "
-                f"{cfg.digest()}); delete it or choose another paths.data_dir"
+                f"{out} holds a synthetic benchmark from another config or generator version (digest "
+                f"{old.get('digest')} != {cfg.digest()}, format {old.get('format_version')} vs {FORMAT_VERSION}); "
+                "delete it (and outputs made from it) or choose another paths.data_dir"
             )
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
