@@ -59,7 +59,7 @@ def grid_questions(adapter: Any, sample: Any) -> tuple[tuple[int, ...], np.ndarr
     return box, pts_px, [point_question(adapter.fmt, box, Point(int(x), int(y))) for x, y in pts]
 
 
-def points_round(pqpp: Sam4MLLM, sample: Any) -> tuple[int, int, float, float, float]:
+def points_round(pqpp: Sam4MLLM, sample: Any) -> tuple[int, int, int, float, float, float]:
     """``(prefix, shared, per-point tokens, naive ms, fast ms, max |dP|)`` for a 5x5 grid in the GT box."""
     adapter = pqpp.adapter
     box, _, questions = grid_questions(adapter, sample)
