@@ -240,15 +240,16 @@ class Sam4MLLM:
             self._glue_ids = (tok.encode(after + pre_q, add_special_tokens=False),
                               tok.encode(post_q, add_special_tokens=False))
         head, foot = self._glue_ids
-        stem = os.path.commonprefix(list(questions)) if len(questions) > 1 else ""  # noqa: RUF071 (text)
-        stem = stem[: max(stem.rfind(" "), 0)]
-        whole = after + pre_q + questions[0] + post_q
-        ids = tok([whole, stem, *(q[len(stem):] for q in questions)], add_special_tokens=False)["input_ids"]
-        shared, conts = prefix.ids[start:] + head + ids[1], [b + foot for b in ids[2:]]
-        if not split or head + ids[1] + conts[0] != ids[0]:
-            shared = prefix.ids[start:]
-            conts = tok([after + pre_q + q + post_q for q in questions], add_special_tokens=False)["input_ids"]
-        return shared, conts
+        if split:
+            stem = os.path.commonprefix(list(questions)) if len(questions) > 1 else ""  # noqa: RUF071 (text)
+            stem = stem[: max(stem.rfind(" "), 0)]
+            whole = after + pre_q + questions[0] + post_q
+            ids = tok([whole, stem, *(q[len(stem):] for q in questions)], add_special_tokens=False)["input_ids"]
+            conts = [b + foot for b in ids[2:]]
+            if head + ids[1] + conts[0] == ids[0]:
+                return prefix.ids[start:] + head + ids[1], conts
+        return prefix.ids[start:], tok([after + pre_q + q + post_q for q in questions],
+                                       add_special_tokens=False)["input_ids"]
 
     def _yes_no(self, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         p = torch.softmax(logits.float(), -1)[:, [self.adapter.yes_id, self.adapter.no_id]].cpu().numpy()
