@@ -204,6 +204,9 @@ def test_two_rank_zero2_cpu_run_through_the_deepspeed_launcher(workspace, tmp_pa
     assert len(losses) == 6 and losses[6] < losses[1]
     cfg = (tmp_path / "ds" / "config.yaml").read_text()
     assert "stage: 2" in cfg
+    # DeepSpeed's CPU all-reduce buffers (~70 MB of RAM each) must not outlive the run.
+    port = r.args[r.args.index("--master_port") + 1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert (tmp_path / "ds" / "checkpoints" / "latest").read_text().strip() == "step-0000006"
 
 

@@ -52,6 +52,20 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+def _unlink_shm_buffer() -> None:
+    """Remove this rank's name of DeepSpeed's CPU all-reduce buffer from ``/dev/shm``.
+
+    DeepSpeed maps one ~70 MB shared-memory buffer per rank and never unlinks it, so every
+    CPU run used to leave them in RAM-backed ``/dev/shm`` (hundreds of runs filled 14 GB
+    here). Once every rank is past initialisation (the barrier) all buffers are mapped
+    everywhere; the mappings outlive the name, and a killed run then leaks nothing.
+    """
+    barrier()
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")  # as shm.cpp reads them
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{torch.distributed.get_rank()}"
+    Path("/dev/shm", name).unlink(missing_ok=True)
+
+
 def _init_distributed(use_deepspeed: bool) -> None:
     if int(os.environ.get("WORLD_SIZE", 1)) == 1 and not use_deepspeed:
         return
@@ -65,6 +79,8 @@ def _init_distributed(use_deepspeed: bool) -> None:
             os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                                "MASTER_PORT": str(free_port())})
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        if not torch.cuda.is_available():
+            _unlink_shm_buffer()
     elif not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend)
     if torch.cuda.is_available():
