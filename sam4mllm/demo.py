@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -49,17 +51,41 @@ def _compose(name: str, overrides: list[str]) -> Any:
         return compose(config_name=name, overrides=overrides)
 
 
-def _launch_training(cfg: Any, variant: str, common: list[str]) -> Path:
-    """``deepspeed --num_gpus N scripts/train.py +exp=<variant> ...``; returns the run folder."""
+def _afresh_if_stale(stage: Callable[[Any], Any], stage_cfg: Any) -> Any:
+    """Run a resumable stage; outputs it finds from other inputs (a regenerated benchmark, a
+    retrained model) make it raise ``FileExistsError``, and the demo then redoes the stage."""
+    try:
+        return stage(stage_cfg)
+    except FileExistsError as err:
+        log.warning("%s -- redoing this stage", err)
+        shutil.rmtree(stage_cfg.out_dir)
+        return stage(stage_cfg)
+
+
+def _launch_training(cfg: Any, variant: str, common: list[str], labels: list[Path]) -> Path:
+    """``deepspeed --num_gpus N scripts/train.py +exp=<variant> ...``; returns the run folder.
+
+    A finished run is reused only if it was trained from the same config, tiny-model
+    builder and labels (their headers carry the benchmark's hash).
+    """
+    from sam4mllm.models.tiny import BUILDER_VERSION
+    from sam4mllm.shards import read_shard
+
     run_dir = Path(cfg.out_dir) / "runs" / variant
-    if (run_dir / "final" / "sam4mllm.json").exists():
+    overrides = [f"+exp={variant}", f"run_dir={run_dir}", *common, *cfg.train_overrides.get(variant, [])]
+    train_cfg = OmegaConf.to_container(_compose("train", overrides), resolve=True)
+    for key in ("logger", "progress"):  # how a run reports, not what it learns
+        train_cfg.pop(key)
+    inputs = {"train": train_cfg, "tiny_builder": BUILDER_VERSION, "labels": [read_shard(p)[0] for p in labels]}
+    stamp = {"digest": hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]}
+    stamp_path = run_dir / "demo_inputs.json"
+    if (run_dir / "final" / "sam4mllm.json").exists() and stamp_path.exists() and \
+            json.loads(stamp_path.read_text()) == stamp:
         log.info("%s: trained model found in %s, skipping training", variant, run_dir)
         return run_dir
-    if run_dir.exists():  # an interrupted earlier demo: start this run afresh
-        import shutil
-
+    if run_dir.exists():  # interrupted, or trained from other inputs: start this run afresh
+        log.info("%s: %s is unfinished or from other inputs; training afresh", variant, run_dir)
         shutil.rmtree(run_dir)
-    overrides = [f"+exp={variant}", f"run_dir={run_dir}", *common, *cfg.train_overrides.get(variant, [])]
     from sam4mllm.training.launch import free_port
 
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(cfg.ranks),
@@ -69,6 +95,7 @@ def _launch_training(cfg: Any, variant: str, common: list[str]) -> Path:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     print(f"\n== training {variant}: {' '.join(cmd[1:])}", flush=True)
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    stamp_path.write_text(json.dumps(stamp))
     return run_dir
 
 
@@ -126,12 +153,11 @@ def run_demo(cfg: Any) -> list[list[Any]]:
     paths = [f"paths.data_dir={data_dir}", f"paths.output_dir={cfg.paths.output_dir}"]
     common = [*paths, f"model={cfg.backbone}"]
     print("== 2. PPG and PQPP labels with the offline segmenter", flush=True)
-    for variant in ("ppg", "pqpp"):
-        for view in VIEWS.values():
-            generate_labels(_compose("gen_labels", [*paths, f"+exp={variant}", f"dataset={view}", "shard.index=0",
-                                                    "shard.count=1"]))
+    labels = {variant: [_afresh_if_stale(generate_labels, _compose("gen_labels", [
+        *paths, f"+exp={variant}", f"dataset={view}", "shard.index=0", "shard.count=1"])) for view in VIEWS.values()]
+        for variant in ("ppg", "pqpp")}
     print("== 3. training (deepspeed, CPU ranks)", flush=True)
-    runs = {v: _launch_training(cfg, v, common) for v in ("ppg", "pqpp")}
+    runs = {v: _launch_training(cfg, v, common, labels[v]) for v in ("ppg", "pqpp")}
     print("== 4. evaluation on synthetic val", flush=True)
     rows = []
     seg_cfg = _compose("eval", common).sam
@@ -147,7 +173,7 @@ def run_demo(cfg: Any) -> list[list[Any]]:
             ecfg = _compose("eval", [*common, f"dataset={view}", f"variant={variant}",
                                      f"checkpoint={runs[run] / 'final'}", f"out_dir={out / 'eval' / variant / view}",
                                      f"eval.overlays={cfg.overlays}", *cfg.eval_overrides])
-            metrics.append(evaluate(ecfg))
+            metrics.append(_afresh_if_stale(evaluate, ecfg))
         rows.append(_row(label, *metrics))
     table = markdown_table(COLUMNS, rows, digits=3)
     print("\n== 5. results on synthetic val (RES: one target per sentence; GRES: multi- and no-target)\n")

@@ -47,8 +47,18 @@ def build_predictor(cfg: Any) -> Any:
     return Sam4MLLM(adapter, instantiate(cfg.sam), cfg.variant, pqpp, cfg.eval.max_new_tokens, cfg.seed)
 
 
-def _header(cfg: Any, split: str) -> dict[str, Any]:
-    semantic = {"variant": cfg.variant, "checkpoint": str(cfg.checkpoint), "dataset": cfg.dataset.name,
+def _checkpoint_stamp(checkpoint: str | None) -> list[tuple[str, int, int]]:
+    """``(name, size, mtime)`` of the checkpoint's files: a model retrained into the same folder
+    must not inherit the old model's predictions when an evaluation resumes."""
+    if not checkpoint or not Path(checkpoint).is_dir():
+        return []
+    return [(p.name, (st := p.stat()).st_size, st.st_mtime_ns) for p in sorted(Path(checkpoint).iterdir())
+            if p.is_file()]
+
+
+def _header(cfg: Any, split: str, data: str) -> dict[str, Any]:
+    semantic = {"variant": cfg.variant, "checkpoint": str(cfg.checkpoint),
+                "checkpoint_files": _checkpoint_stamp(cfg.checkpoint), "data": data, "dataset": cfg.dataset.name,
                 "split": split, "model": OmegaConf.to_container(cfg.model, resolve=True),
                 "sam": OmegaConf.to_container(cfg.sam, resolve=True),
                 "eval": OmegaConf.to_container(cfg.eval, resolve=True), "seed": cfg.seed}
@@ -85,7 +95,7 @@ def evaluate(cfg: Any, predictor: Any = None) -> dict[str, Any] | None:
     split = cfg.split or cfg.dataset.split
     ds = build_dataset(cfg.dataset, split)  # missing data fails here, before any model loads
     out_dir = Path(cfg.out_dir)
-    header = _header(cfg, split)
+    header = _header(cfg, split, ds.fingerprint())
     index, count = shard_from_env(cfg.shard.index, cfg.shard.count)
     mine = assign(range(len(ds)), index, count)
     with ShardWriter(shard_path(out_dir, index, count), {**header, "shard": index, "num_shards": count}) as w:

@@ -171,8 +171,9 @@ def label_image(
     return out
 
 
-def _header(cfg: Any, segmenter_name: str) -> dict[str, Any]:
+def _header(cfg: Any, segmenter_name: str, data: str) -> dict[str, Any]:
     semantic = {
+        "data": data,  # the annotation files' hash: labels of an edited dataset are not resumed
         "variant": cfg.variant,
         "labels": OmegaConf.to_container(cfg.labels, resolve=True),
         "sam": OmegaConf.to_container(cfg.sam, resolve=True) if cfg.variant == "ppg" else None,
@@ -202,7 +203,7 @@ def generate_labels(cfg: Any, segmenter_factory: Callable[[], Segmenter] | None 
     segmenter = None
     if cfg.variant == "ppg":
         segmenter = segmenter_factory() if segmenter_factory else instantiate(cfg.sam)
-    header = _header(cfg, segmenter.name if segmenter else "none")
+    header = _header(cfg, segmenter.name if segmenter else "none", ds.fingerprint())
     index, count = shard_from_env(cfg.shard.index, cfg.shard.count)
     out_dir = Path(cfg.out_dir)
     items = _group_by_image(ds)

@@ -1,8 +1,9 @@
 """The embedded default end to end, reduced: the demo pipeline on a small synthetic set.
 
-Marked slow. It runs the same stages as `make demo` (labels, training through the
-deepspeed launcher on 2 CPU ranks, evaluation, the table) on a smaller benchmark and a
-short training, so it checks the plumbing and determinism, not the accuracy targets.
+The end-to-end test is marked slow. It runs the same stages as `make demo` (labels,
+training through the deepspeed launcher on 2 CPU ranks, evaluation, the table) on a
+smaller benchmark and a short training, so it checks the plumbing and determinism, not
+the accuracy targets.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from hydra import compose, initialize_config_dir
 from sam4mllm import CONFIG_DIR
 from sam4mllm.demo import COLUMNS, run_demo
 
-pytestmark = pytest.mark.slow
-
 
 def _cfg(tmp_path, out):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -27,6 +26,7 @@ def _cfg(tmp_path, out):
             "eval_overrides=['eval.max_new_tokens=24']"])
 
 
+@pytest.mark.slow
 def test_demo_pipeline_runs_end_to_end_and_is_deterministic(tmp_path, capsys):
     rows = run_demo(_cfg(tmp_path, tmp_path / "demo_a"))
     names = [r[0] for r in rows]
@@ -40,3 +40,35 @@ def test_demo_pipeline_runs_end_to_end_and_is_deterministic(tmp_path, capsys):
     # Same seed, fresh run folder (training reused only through the run folder): the same table.
     again = run_demo(_cfg(tmp_path, tmp_path / "demo_b"))
     assert json.dumps(again) == json.dumps(rows)
+
+
+def test_a_finished_run_is_reused_only_for_the_same_inputs(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import sam4mllm.demo as demo
+
+    trained = []
+
+    def fake_training(cmd, **kwargs):  # stands in for the deepspeed launcher
+        run_dir = Path(next(a for a in cmd if a.startswith("run_dir=")).split("=", 1)[1])
+        (run_dir / "final").mkdir(parents=True)
+        (run_dir / "final" / "sam4mllm.json").write_text("{}")
+        trained.append(cmd)
+
+    monkeypatch.setattr(demo.subprocess, "run", fake_training)
+    cfg = _cfg(tmp_path, tmp_path / "demo")
+    common = [f"paths.data_dir={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'outputs'}", "model=demo_qwen2vl"]
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({"header": {"data": "benchmark v1"}}) + "\n")
+    for expect in (1, 1):  # trained once, then reused
+        demo._launch_training(cfg, "ppg", common, [labels])
+        assert len(trained) == expect
+    labels.write_text(json.dumps({"header": {"data": "benchmark v2"}}) + "\n")  # labels of a regenerated benchmark
+    demo._launch_training(cfg, "ppg", common, [labels])
+    assert len(trained) == 2
+    cfg.train_overrides.ppg = ["train.max_steps=3"]  # another training setting
+    demo._launch_training(cfg, "ppg", common, [labels])
+    assert len(trained) == 3
+    (tmp_path / "demo" / "runs" / "ppg" / "demo_inputs.json").unlink()  # a run without the record (older demo)
+    demo._launch_training(cfg, "ppg", common, [labels])
+    assert len(trained) == 4

@@ -178,6 +178,18 @@ def test_evaluator_resumes_and_shards_merge_to_the_single_process_result(workspa
     assert [r["sample_id"] for r in a] == [r["sample_id"] for r in b]
 
 
+def test_evaluation_of_a_retrained_checkpoint_does_not_resume_the_old_predictions(workspace, tmp_path):
+    ckpt = tmp_path / "run" / "final"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"old weights")
+    cfg = _eval_cfg(workspace, tmp_path / "ev", f"checkpoint={ckpt}")
+    first = _run(cfg, Oracle())
+    assert _run(cfg, Oracle(garbage_every=2)) == first  # same checkpoint: everything resumed, nothing re-predicted
+    (ckpt / "model.safetensors").write_bytes(b"new weights, retrained")
+    with pytest.raises(FileExistsError, match="another configuration"):
+        _run(cfg, Oracle())
+
+
 def test_eval_script_as_typed_names_the_missing_data_and_the_fix(tmp_path):
     r = subprocess.run([sys.executable, "scripts/eval.py", "dataset=refcocog", f"paths.data_dir={tmp_path}"],
                        cwd=ROOT, capture_output=True, text=True)

@@ -157,6 +157,30 @@ def test_rerun_with_another_config_refuses_to_mix(synthetic, tmp_path):
         generate_labels(_cfg(_data_dir(synthetic), tmp_path, "+exp=pqpp", "seed=1"))
 
 
+def test_labels_of_an_edited_dataset_are_not_resumed(synthetic, tmp_path):
+    """The header carries the annotation files' hash: moving the data keeps it, editing it does not."""
+    import shutil
+
+    from sam4mllm.data.refer import ReferDataset
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic.root, data / "synthetic")
+
+    def ds():
+        return ReferDataset(data / "synthetic/refer_seg", "refcoco", "val", data / "synthetic/coco/train2014")
+
+    orig = ReferDataset(synthetic.root / "refer_seg", "refcoco", "val", synthetic.root / "coco/train2014")
+    assert ds().fingerprint() == orig.fingerprint()
+    generate_labels(_cfg(data, tmp_path / "labels", "+exp=pqpp", "split=val"))
+    inst = data / "synthetic/refer_seg/refcoco/instances.json"
+    js = json.loads(inst.read_text())
+    js["annotations"][0]["segmentation"][0][0] += 1.0  # one polygon vertex moves by a pixel
+    inst.write_text(json.dumps(js))
+    assert ds().fingerprint() != orig.fingerprint()
+    with pytest.raises(FileExistsError, match="another configuration"):
+        generate_labels(_cfg(data, tmp_path / "labels", "+exp=pqpp", "split=val"))
+
+
 def test_kill_minus_9_then_resume_gives_the_identical_output(synthetic, tmp_path):
     data = _data_dir(synthetic)
     reference = generate_labels(_cfg(data, tmp_path / "ref", "+exp=ppg")).read_bytes()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from abc import abstractmethod
 from collections import Counter
 from collections.abc import Sequence
@@ -79,8 +80,9 @@ def load_image(path: Path) -> np.ndarray:
 class SegDataset(Sequence[Sample]):
     """A split of one dataset: a list of light records, decoded to :class:`Sample` on access.
 
-    Loaders fill ``records`` and count every skipped malformed entry in ``skipped``
-    (reason -> count), so that nothing is dropped silently.
+    Loaders fill ``records``, count every skipped malformed entry in ``skipped``
+    (reason -> count), so that nothing is dropped silently, and list the annotation
+    files they read in ``sources``.
     """
 
     name: str = ""
@@ -89,6 +91,7 @@ class SegDataset(Sequence[Sample]):
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
         self.skipped: Counter[str] = Counter()
+        self.sources: list[Path] = []
 
     def __len__(self) -> int:
         return len(self.records)
@@ -103,6 +106,20 @@ class SegDataset(Sequence[Sample]):
     def image_paths(self) -> list[Path]:
         """Every image the split references, once each (for layout checks)."""
         return sorted({Path(r["image_path"]) for r in self.records})
+
+    def fingerprint(self) -> str:
+        """Hash of the split name and the annotation files' bytes.
+
+        Outputs derived from a split (labels) store it, so that a regenerated or edited
+        dataset is not silently paired with outputs of the old one.
+        """
+        h = hashlib.sha256(f"{self.name}/{self.split}".encode())
+        for path in self.sources:
+            h.update(path.name.encode())
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        return h.hexdigest()[:16]
 
     def summary(self) -> dict[str, int]:
         """Counts of the split: samples, images, multi- and no-target samples, skips."""

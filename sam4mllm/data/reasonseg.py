@@ -68,7 +68,8 @@ class ReasonSegDataset(SegDataset):
         self.name, self.split = dataset, split
         folder = Path(root) / split
         require(self.name, LAYOUT, folder)
-        for js in sorted(folder.glob("*.json")):
+        self.sources = sorted(folder.glob("*.json"))
+        for js in self.sources:
             image = next((js.with_suffix(s) for s in IMAGE_SUFFIXES if js.with_suffix(s).exists()), None)
             try:
                 ann = json.loads(js.read_text())

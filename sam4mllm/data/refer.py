@@ -70,6 +70,7 @@ class ReferDataset(SegDataset):
         ann_dir = Path(root) / name
         refs_path, inst_path, self.image_dir = ann_dir / refs_file, ann_dir / "instances.json", Path(image_dir)
         require(self.name, LAYOUT, refs_path, inst_path, self.image_dir)
+        self.sources = [refs_path, inst_path]
         self.task = "gres" if refs_file.startswith("grefs") else "res"
 
         refs = json.loads(refs_path.read_text()) if refs_path.suffix == ".json" else load_plain_pickle(refs_path)

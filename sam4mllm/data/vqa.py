@@ -46,6 +46,7 @@ class VQADataset(SegDataset):
         a_path = Path(root) / annotations_file.format(split=split)
         image_dir = Path(image_dir)
         require(self.name, LAYOUT, q_path, a_path, image_dir)
+        self.sources = [q_path, a_path]
         questions = json.loads(q_path.read_text())["questions"]
         answers = {int(a["question_id"]): a for a in json.loads(a_path.read_text())["annotations"]}
         for q in questions:
