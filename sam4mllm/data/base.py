@@ -110,7 +110,7 @@ class SegDataset(Sequence[Sample]):
     def fingerprint(self) -> str:
         """Hash of the split name and the annotation files' bytes.
 
-        Outputs derived from a split (labels) store it, so that a regenerated or edited
+        Outputs derived from a split (labels, predictions) store it, so that a regenerated or edited
         dataset is not silently paired with outputs of the old one.
         """
         h = hashlib.sha256(f"{self.name}/{self.split}".encode())
