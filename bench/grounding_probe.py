@@ -1,6 +1,7 @@
 """Can a random-init tiny backbone learn to *localise* on the CPU? Val box IoU over training steps.
 
     python bench/grounding_probe.py [--families qwen2vl qwen3vl] [--objects 1 1] [--steps 1300]
+                                    [--init-std 0.02] [--pos-std STD] [--size 112] [--radius 0.09 0.15]
 
 PQPP round-1 (box-only) dialogs built straight from the synthetic GT boxes (no segmenter), full
 fine-tune with AdamW, batch 16, greedy decoding on 60 val sentences. It isolates the
@@ -28,7 +29,8 @@ from sam4mllm.inference import Sam4MLLM
 from sam4mllm.models import build_adapter
 from sam4mllm.sam.grabcut import GrabCutSegmenter
 
-# Qwen3-VL's patch is 16 px: a 128-px input gives the same 4x4 token grid as Qwen2-VL's 112 px.
+# Qwen3-VL's patch is 16 px: a 128-px input gives the same 4x4 token grid as Qwen2-VL's 112 px
+# (a 100-px image gives Qwen3-VL 3x3 tokens).
 PIXELS = {"qwen2vl": 112 * 112, "qwen3vl": 128 * 128}
 
 
@@ -46,12 +48,14 @@ def val_box_iou(predictor: Sam4MLLM, samples: list) -> float:
     return float(np.mean(ious))
 
 
-def probe(family: str, root: Path, tmp: Path, steps: int, every: int) -> list[tuple[int, float, float]]:
-    """``(step, mean train loss since last report, val box IoU)`` rows for one family."""
+def probe(family: str, root: Path, tmp: Path, steps: int, every: int,
+          init: dict[str, float | None]) -> list[tuple[int, float, float]]:
+    """``(step, mean train loss since last report, val box IoU)`` rows for one family;
+    ``init`` holds the tiny builder's ``init_std`` and ``vision_pos_std``."""
     torch.manual_seed(0)
     adapter = build_adapter(family, str(tmp / family), dtype="float32", max_length=512,
                             tiny={"hidden_size": 128, "intermediate_size": 256, "num_layers": 4,
-                                  "vision_embed": 64, "rope_theta": 10.0, "image_pixels": PIXELS[family]})
+                                  "vision_embed": 64, "rope_theta": 10.0, "image_pixels": PIXELS[family], **init})
     split = {s: ReferDataset(root / "refer_seg", "refcoco", s, root / "coco/train2014") for s in ("train", "val")}
     train = [split["train"].load(r) for r in split["train"].records]
     val = [split["val"].load(r) for r in split["val"].records][:60]
@@ -85,12 +89,20 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2000, help="training images")
     ap.add_argument("--steps", type=int, default=1300)
     ap.add_argument("--every", type=int, default=325)
+    ap.add_argument("--init-std", type=float, default=0.02, help="tiny-model weight init std")
+    ap.add_argument("--pos-std", type=float, default=None, help="Qwen3-VL ViT position-table init std")
+    ap.add_argument("--size", type=int, default=112, help="synthetic image side in pixels")
+    ap.add_argument("--radius", nargs=2, type=float, default=[0.09, 0.15], help="small and big object radius "
+                    "as a fraction of the side")
     args = ap.parse_args()
+    init = {"init_std": args.init_std, "vision_pos_std": args.pos_std}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "synthetic"
         generate_synthetic(root, SyntheticConfig(min_objects=args.objects[0], max_objects=args.objects[1],
+                                                 width=args.size, height=args.size,
+                                                 radius=dict(zip(("small", "big"), args.radius, strict=True)),
                                                  images={"train": args.images, "val": 20}, reason_images={}))
-        results = {f: probe(f, root, Path(tmp), args.steps, args.every) for f in args.families}
+        results = {f: probe(f, root, Path(tmp), args.steps, args.every, init) for f in args.families}
     print(f"\n| {args.objects[0]}-{args.objects[1]} objects per image, val box IoU | "
           + " | ".join(f"step {s}" for s, _, _ in next(iter(results.values()))) + " |")
     print("|---|" + "---|" * len(next(iter(results.values()))))

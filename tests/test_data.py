@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import pickle
@@ -146,6 +147,26 @@ def test_regenerating_with_another_config_refuses(tmp_path):
     generate_synthetic(tmp_path / "s", cfg)  # same config: fine
     with pytest.raises(FileExistsError, match="another config"):
         generate_synthetic(tmp_path / "s", SyntheticConfig(seed=9, images={"val": 1}, reason_images={}))
+
+
+def test_synthetic_object_radius(tmp_path):
+    """``radius`` scales the shapes; the default keeps the digest of benchmarks made before it."""
+    def mean_area(cfg):
+        rep = generate_synthetic(tmp_path / cfg.digest(), cfg)
+        inst = json.loads((rep.root / "refer_seg/refcoco/instances.json").read_text())["annotations"]
+        return np.mean([a["area"] for a in inst]) / (cfg.width * cfg.height)
+
+    base = dict(images={"val": 6}, reason_images={}, min_objects=1, max_objects=1)
+    small, big = SyntheticConfig(**base), SyntheticConfig(**base, radius={"small": 0.18, "big": 0.3})
+    assert mean_area(big) / mean_area(small) == pytest.approx(4.0, rel=0.2)  # area goes with radius squared
+    from dataclasses import asdict
+
+    from sam4mllm.data.synthetic import FORMAT_VERSION
+    before = {k: v for k, v in asdict(small).items() if k != "radius"}  # the config as it was without the field
+    blob = json.dumps({"v": FORMAT_VERSION, **before}, sort_keys=True).encode()
+    assert small.digest() == hashlib.sha256(blob).hexdigest()[:16] != big.digest()
+    with pytest.raises(ValueError, match="radius"):
+        SyntheticConfig(radius={"small": 0.1})
 
 
 # ---------------------------------------------------------------- bad and missing data

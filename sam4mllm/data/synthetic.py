@@ -84,6 +84,8 @@ class SyntheticConfig:
     reason_images: dict[str, int] = field(default_factory=lambda: {"train": 20, "val": 20, "test": 20})
     max_sentences_per_ref: int = 3
     ignore_fraction: float = 0.3
+    # Object radius per size word, as a fraction of min(H, W).
+    radius: dict[str, float] = field(default_factory=lambda: dict(SIZES))
 
     def __post_init__(self) -> None:
         # Hydra passes DictConfigs; keep plain dicts so the config hashes and serialises.
@@ -92,10 +94,16 @@ class SyntheticConfig:
         unknown = (set(self.images) - set(REF_SPLITS)) | (set(self.reason_images) - set(REASON_SPLITS))
         if unknown:
             raise ValueError(f"unknown synthetic splits {sorted(unknown)}; use {REF_SPLITS} and {REASON_SPLITS}")
+        self.radius = {str(k): float(v) for k, v in dict(self.radius).items()}
+        if set(self.radius) != set(SIZES) or not all(0 < r < 0.5 for r in self.radius.values()):
+            raise ValueError(f"radius needs a fraction in (0, 0.5) for each of {sorted(SIZES)}, got {self.radius}")
 
     def digest(self) -> str:
         """Short hash of the config and format version (stored in the manifest)."""
-        blob = json.dumps({"v": FORMAT_VERSION, **asdict(self)}, sort_keys=True).encode()
+        fields = asdict(self)
+        if fields["radius"] == SIZES:  # the default leaves benchmarks made before the field valid
+            del fields["radius"]
+        blob = json.dumps({"v": FORMAT_VERSION, **fields}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -161,7 +169,7 @@ def make_scene(
     objects: list[Obj] = []
     for _ in range(int(rng.integers(cfg.min_objects, cfg.max_objects + 1))):
         size = str(rng.choice(list(SIZES)))
-        r = SIZES[size] * min(h, w)
+        r = cfg.radius[size] * min(h, w)
         for _try in range(100):
             cx, cy = rng.uniform(r + 2, w - r - 2), rng.uniform(r + 2, h - r - 2)
             if all(math.hypot(cx - o.cx, cy - o.cy) > 1.15 * (r + o.r) + 3 for o in objects):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from sam4mllm import dialogs
 from sam4mllm.codec import FORMATS, Point, TargetPrompt
 from sam4mllm.data.synthetic import COLOR_RIDDLES, COLORS, NUMBER_WORDS, SHAPE_RIDDLES, SHAPES, SIZES
 
-BUILDER_VERSION = 2  # bump when the tokenizer corpus or the builder changes, so cached folders rebuild
+BUILDER_VERSION = 3  # bump when the tokenizer corpus or the builder changes, so cached folders rebuild
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -70,8 +70,13 @@ class TinySpec:
     # Qwen2-VL's ViT has no absolute position embedding, so the LLM could not tell where
     # an image token sits. A small theta makes those axes visible.
     rope_theta: float = 10000.0
+    # Weight init std (the configs' initializer_range). The usual 0.02 suits wide models;
+    # at width 128 it leaves attention near-uniform for longer (README, "The CPU demo").
+    init_std: float = 0.02
+    # Std of Qwen3-VL's learned ViT position table (None: init_std). At 0.02 the table is
+    # tiny next to the patch content (std about 1), so the LLM barely sees where a token is.
+    vision_pos_std: float | None = None
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def digest(self) -> str:
         blob = {"builder": BUILDER_VERSION, **asdict(self)}
@@ -130,11 +135,11 @@ def _qwen_family_config(spec: TinySpec, tok: Any) -> Any:
             "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_heads,
             "num_key_value_heads": spec.num_kv_heads, "max_position_embeddings": 4096,
             "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"], "tie_word_embeddings": True}
+            "pad_token_id": ids["<|endoftext|>"], "tie_word_embeddings": True, "initializer_range": spec.init_std}
     half = head_dim // 2
     section = [half - 2 * (half // 3), half // 3, half // 3]  # sums to head_dim / 2
     vision: dict[str, Any] = {"depth": spec.vision_depth, "num_heads": spec.vision_heads, "patch_size": 14,
-                              "spatial_merge_size": 2, "temporal_patch_size": 2}
+                              "spatial_merge_size": 2, "temporal_patch_size": 2, "initializer_range": spec.init_std}
     common = {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
               "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
     if spec.family == "qwen2vl":
@@ -154,7 +159,7 @@ def _qwen_family_config(spec: TinySpec, tok: Any) -> Any:
         vision = {"depth": spec.vision_depth, "num_heads": spec.vision_heads, "hidden_size": spec.vision_embed,
                   "out_hidden_size": spec.hidden_size, "intermediate_size": 2 * spec.vision_embed,
                   "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                  "num_position_embeddings": 64, "deepstack_visual_indexes": [0]}
+                  "num_position_embeddings": 64, "deepstack_visual_indexes": [0], "initializer_range": spec.init_std}
         return AutoConfig.for_model("qwen3_vl", text_config=text, vision_config=vision, **common)
     raise ValueError(f"no tiny config for family {spec.family!r}")
 
@@ -166,10 +171,12 @@ def _llava_next_config(spec: TinySpec, tok: Any) -> Any:
             "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.num_layers,
             "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads,
             "max_position_embeddings": 4096, "bos_token_id": tok.convert_tokens_to_ids("<s>"),
-            "eos_token_id": tok.convert_tokens_to_ids("</s>"), "pad_token_id": tok.convert_tokens_to_ids("<pad>")}
+            "eos_token_id": tok.convert_tokens_to_ids("</s>"), "pad_token_id": tok.convert_tokens_to_ids("<pad>"),
+            "initializer_range": spec.init_std}
     vision = {"model_type": "clip_vision_model", "hidden_size": spec.vision_embed,
               "intermediate_size": 2 * spec.vision_embed, "num_hidden_layers": spec.vision_depth,
-              "num_attention_heads": spec.vision_heads, "image_size": 56, "patch_size": 14}
+              "num_attention_heads": spec.vision_heads, "image_size": 56, "patch_size": 14,
+              "initializer_range": spec.init_std}
     return AutoConfig.for_model("llava_next", text_config=text, vision_config=vision,
                                 image_token_index=tok.convert_tokens_to_ids("<image>"),
                                 image_grid_pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112]],
@@ -236,8 +243,13 @@ def _build(spec: TinySpec, out: Path) -> Path:
     else:
         tok.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
         config = _qwen_family_config(spec, tok)
+    if spec.vision_pos_std is not None and spec.family != "qwen3vl":
+        raise ValueError(f"vision_pos_std: {spec.family}'s ViT has no learned position table (only qwen3vl has)")
     torch.manual_seed(spec.seed)
     model = AutoModelForImageTextToText.from_config(config)
+    if spec.vision_pos_std is not None:
+        with torch.no_grad():
+            model.model.visual.pos_embed.weight.normal_(0.0, spec.vision_pos_std)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

@@ -1,0 +1,23 @@
+"""The tiny-model builder's init options reach the weights."""
+
+import pytest
+from transformers import AutoModelForImageTextToText
+
+from sam4mllm.models.tiny import TinySpec, build_tiny
+
+
+def test_init_std_and_vision_pos_std(tmp_path):
+    spec = TinySpec(family="qwen3vl", hidden_size=128, intermediate_size=256, init_std=0.1, vision_pos_std=1.0)
+    model = AutoModelForImageTextToText.from_pretrained(build_tiny(spec, tmp_path / "m"))
+    weights = dict(model.named_parameters())
+    for name in ("model.language_model.layers.0.mlp.up_proj.weight", "model.visual.blocks.0.mlp.linear_fc1.weight"):
+        assert weights[name].std().item() == pytest.approx(0.1, rel=0.1), name
+    assert weights["model.visual.pos_embed.weight"].std().item() == pytest.approx(1.0, rel=0.1)
+    # the default stays the library's 0.02, so existing tiny models are unchanged
+    default = AutoModelForImageTextToText.from_pretrained(build_tiny(TinySpec(family="qwen3vl"), tmp_path / "d"))
+    assert default.model.visual.pos_embed.weight.std().item() == pytest.approx(0.02, rel=0.15)
+
+
+def test_vision_pos_std_needs_a_position_table(tmp_path):
+    with pytest.raises(ValueError, match="no learned position table"):
+        build_tiny(TinySpec(family="qwen2vl", vision_pos_std=1.0), tmp_path / "m")
