@@ -100,7 +100,7 @@ def main() -> None:
         root = Path(tmp) / "synthetic"
         generate_synthetic(root, SyntheticConfig(min_objects=args.objects[0], max_objects=args.objects[1],
                                                  width=args.size, height=args.size,
-                                                 radius=dict(zip(("small", "big"), args.radius, strict=True)),
+                                                 radius={"small": args.radius[0], "big": args.radius[1]},
                                                  images={"train": args.images, "val": 20}, reason_images={}))
         results = {f: probe(f, root, Path(tmp), args.steps, args.every, init) for f in args.families}
     print(f"\n| {args.objects[0]}-{args.objects[1]} objects per image, val box IoU | "

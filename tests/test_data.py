@@ -3,6 +3,7 @@ import json
 import os
 import pickle
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from sam4mllm.data import CorruptImageError, DatasetNotFoundError
 from sam4mllm.data.masks import decode_segmentation, encode_rle, encode_uncompressed_rle
 from sam4mllm.data.reasonseg import ReasonSegDataset, rasterize_shapes
 from sam4mllm.data.refer import ReferDataset
-from sam4mllm.data.synthetic import SyntheticConfig, generate_synthetic
+from sam4mllm.data.synthetic import FORMAT_VERSION, SyntheticConfig, generate_synthetic
 from sam4mllm.data.unpickle import UnsafePickleError, load_plain_pickle
 from sam4mllm.data.vqa import VQADataset
 
@@ -159,9 +160,6 @@ def test_synthetic_object_radius(tmp_path):
     base = dict(images={"val": 6}, reason_images={}, min_objects=1, max_objects=1)
     small, big = SyntheticConfig(**base), SyntheticConfig(**base, radius={"small": 0.18, "big": 0.3})
     assert mean_area(big) / mean_area(small) == pytest.approx(4.0, rel=0.2)  # area goes with radius squared
-    from dataclasses import asdict
-
-    from sam4mllm.data.synthetic import FORMAT_VERSION
     before = {k: v for k, v in asdict(small).items() if k != "radius"}  # the config as it was without the field
     blob = json.dumps({"v": FORMAT_VERSION, **before}, sort_keys=True).encode()
     assert small.digest() == hashlib.sha256(blob).hexdigest()[:16] != big.digest()

@@ -78,6 +78,11 @@ class TinySpec:
     vision_pos_std: float | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # Checked here, not in the builder, so a bad spec fails before the tokenizer is trained.
+        if self.vision_pos_std is not None and self.family != "qwen3vl":
+            raise ValueError(f"vision_pos_std: {self.family}'s ViT has no learned position table (only qwen3vl has)")
+
     def digest(self) -> str:
         blob = {"builder": BUILDER_VERSION, **asdict(self)}
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
@@ -243,8 +248,6 @@ def _build(spec: TinySpec, out: Path) -> Path:
     else:
         tok.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
         config = _qwen_family_config(spec, tok)
-    if spec.vision_pos_std is not None and spec.family != "qwen3vl":
-        raise ValueError(f"vision_pos_std: {spec.family}'s ViT has no learned position table (only qwen3vl has)")
     torch.manual_seed(spec.seed)
     model = AutoModelForImageTextToText.from_config(config)
     if spec.vision_pos_std is not None:
