@@ -151,7 +151,7 @@ def run_demo(cfg: Any) -> list[list[Any]]:
     print("== 1. synthetic benchmark", flush=True)
     generate_synthetic(data_dir / "synthetic", instantiate(cfg.synthetic))
     paths = [f"paths.data_dir={data_dir}", f"paths.output_dir={cfg.paths.output_dir}"]
-    common = [*paths, f"model={cfg.backbone}"]
+    common = [*paths, f"model={cfg.backbone}", *cfg.model_overrides]
     print("== 2. PPG and PQPP labels with the offline segmenter", flush=True)
     labels = {variant: [_afresh_if_stale(generate_labels, _compose("gen_labels", [
         *paths, f"+exp={variant}", f"dataset={view}", "shard.index=0", "shard.count=1"])) for view in VIEWS.values()]
