@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast test-learning lint bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ test: $(STAMP) lint
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# Trains a tiny PQPP model until it beats the trivial baselines (about 8 min; not in CI).
+test-learning: $(STAMP)
+	$(PY) -m pytest -q -m learning -s
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -40,7 +40,7 @@ VIEWS = {"RES": "synthetic", "GRES": "synthetic_gres"}
 COLUMNS = ["method", "RES cIoU", "RES gIoU", "GRES cIoU", "GRES gIoU", "N-acc", "T-acc", "parse failures"]
 
 
-def _compose(name: str, overrides: list[str]) -> Any:
+def compose_config(name: str, overrides: list[str]) -> Any:
     """Another primary config of this tree (inside ``@hydra.main`` Hydra is already set up)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -73,7 +73,7 @@ def _launch_training(cfg: Any, variant: str, common: list[str], labels: list[Pat
 
     run_dir = Path(cfg.out_dir) / "runs" / variant
     overrides = [f"+exp={variant}", f"run_dir={run_dir}", *common, *cfg.train_overrides.get(variant, [])]
-    train_cfg = OmegaConf.to_container(_compose("train", overrides), resolve=True)
+    train_cfg = OmegaConf.to_container(compose_config("train", overrides), resolve=True)
     for key in ("logger", "progress"):  # how a run reports, not what it learns
         train_cfg.pop(key)
     inputs = {"train": train_cfg, "tiny_builder": BUILDER_VERSION, "labels": [read_shard(p)[0] for p in labels]}
@@ -99,7 +99,8 @@ def _launch_training(cfg: Any, variant: str, common: list[str], labels: list[Pat
     return run_dir
 
 
-def _score(dataset_cfg: Any, predict: Callable[[Any], SegmentResult]) -> dict[str, Any]:
+def score_on_val(dataset_cfg: Any, predict: Callable[[Any], SegmentResult]) -> dict[str, Any]:
+    """cIoU, gIoU, N-acc, ... of a predictor that needs no MLLM on a dataset's val split."""
     ds = build_dataset(dataset_cfg, "val")
     meter = SegmentationMeter()
     for s in ds:
@@ -153,16 +154,16 @@ def run_demo(cfg: Any) -> list[list[Any]]:
     paths = [f"paths.data_dir={data_dir}", f"paths.output_dir={cfg.paths.output_dir}"]
     common = [*paths, f"model={cfg.backbone}", *cfg.model_overrides]
     print("== 2. PPG and PQPP labels with the offline segmenter", flush=True)
-    labels = {variant: [_afresh_if_stale(generate_labels, _compose("gen_labels", [
+    labels = {variant: [_afresh_if_stale(generate_labels, compose_config("gen_labels", [
         *paths, f"+exp={variant}", f"dataset={view}", "shard.index=0", "shard.count=1"])) for view in VIEWS.values()]
         for variant in ("ppg", "pqpp")}
     print("== 3. training (deepspeed, CPU ranks)", flush=True)
     runs = {v: _launch_training(cfg, v, common, labels[v]) for v in ("ppg", "pqpp")}
     print("== 4. evaluation on synthetic val", flush=True)
     rows = []
-    seg_cfg = _compose("eval", common).sam
+    seg_cfg = compose_config("eval", common).sam
     for name, predict in baselines(instantiate(seg_cfg), cfg.seed).items():
-        rows.append(_row(name, *(_score(_compose("eval", [*common, f"dataset={v}"]).dataset, predict)
+        rows.append(_row(name, *(score_on_val(compose_config("eval", [*common, f"dataset={v}"]).dataset, predict)
                                   for v in VIEWS.values())))
     from sam4mllm.evaluate import evaluate
 
@@ -170,7 +171,7 @@ def run_demo(cfg: Any) -> list[list[Any]]:
                                 ("SAM4MLLM-PPG", "ppg", "ppg"), ("SAM4MLLM-PQPP", "pqpp", "pqpp")):
         metrics = []
         for view in VIEWS.values():
-            ecfg = _compose("eval", [*common, f"dataset={view}", f"variant={variant}",
+            ecfg = compose_config("eval", [*common, f"dataset={view}", f"variant={variant}",
                                      f"checkpoint={runs[run] / 'final'}", f"out_dir={out / 'eval' / variant / view}",
                                      f"eval.overlays={cfg.overlays}", *cfg.eval_overrides])
             metrics.append(_afresh_if_stale(evaluate, ecfg))

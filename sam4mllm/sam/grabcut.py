@@ -5,9 +5,12 @@ background" and a second ring beyond that "surely background"; a disc around eac
 positive point is "surely object" and around each negative point "surely background".
 The "probably" ring lets the mask grow past a box that cuts the object, as SAM's does:
 were everything outside the box "surely background", the object's own colour would
-enter the background model and a box a few pixels short would give an empty mask. Only a crop around the prompt is processed, which
-keeps one prompt at about a millisecond on the synthetic images. OpenCV's random
-generator is re-seeded before every call, so results are deterministic.
+enter the background model and a box a few pixels short would give an empty mask.
+Only connected parts of the mask that lie mostly inside the box (or hold a positive
+point) are kept, so a box does not reach out for an object it barely touches.
+Only a crop around the prompt is processed, which keeps one prompt at about a
+millisecond on the synthetic images. OpenCV's random generator is re-seeded before
+every call, so results are deterministic.
 """
 
 from __future__ import annotations
@@ -79,5 +82,13 @@ class GrabCutSegmenter(Segmenter):
             crop = np.ascontiguousarray(self._bgr[cy1:cy2, cx1:cx2])
             cv2.grabCut(crop, init, None, bgd, fgd, self.iterations, cv2.GC_INIT_WITH_MASK)
         # Without both kinds of seed GrabCut cannot model anything: keep the prior as is.
-        out[cy1:cy2, cx1:cx2] = np.isin(init, (cv2.GC_FGD, cv2.GC_PR_FGD))
+        fg = np.isin(init, (cv2.GC_FGD, cv2.GC_PR_FGD))
+        n, parts = cv2.connectedComponents(fg.astype(np.uint8), connectivity=8)
+        in_box = np.zeros_like(fg)
+        in_box[y1 - cy1:y2 - cy1, x1 - cx1:x2 - cx1] = True
+        total, inside = np.bincount(parts.ravel(), minlength=n), np.bincount(parts[in_box], minlength=n)
+        keep = 2 * inside >= total
+        keep[parts[init == cv2.GC_FGD]] = True  # a part holding a positive point
+        keep[0] = False  # the background label
+        out[cy1:cy2, cx1:cx2] = keep[parts]
         return out
