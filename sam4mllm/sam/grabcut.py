@@ -85,9 +85,8 @@ class GrabCutSegmenter(Segmenter):
         # Without both kinds of seed GrabCut cannot model anything: keep the prior as is.
         fg = np.isin(init, (cv2.GC_FGD, cv2.GC_PR_FGD))
         n, parts = cv2.connectedComponents(fg.astype(np.uint8), connectivity=8)
-        in_box = np.zeros_like(fg)
-        in_box[y1 - cy1:y2 - cy1, x1 - cx1:x2 - cx1] = True
-        total, inside = np.bincount(parts.ravel(), minlength=n), np.bincount(parts[in_box], minlength=n)
+        total = np.bincount(parts.ravel(), minlength=n)
+        inside = np.bincount(parts[y1 - cy1:y2 - cy1, x1 - cx1:x2 - cx1].ravel(), minlength=n)
         keep = 2 * inside >= total
         keep[parts[init == cv2.GC_FGD]] = True  # a part holding a positive point
         keep[0] = False  # the background label
