@@ -3,22 +3,25 @@
 1. generate the synthetic benchmark;
 2. PPG and PQPP labels with the offline segmenter;
 3. train a tiny PPG and a tiny PQPP model through the deepspeed launcher (2 CPU ranks);
-4. evaluate PPG, PQPP and box-only (the PQPP model's round 1) on synthetic val, RES and
-   GRES, next to trivial baselines (whole image; centre box -> segmenter) and the
+4. evaluate PPG, PQPP and box-only (PQPP's round-1 boxes without its points) on synthetic
+   val, RES and GRES, next to trivial baselines (whole image; centre box -> segmenter) and the
    oracle (GT box + GT-derived points -> segmenter, the segmenter's ceiling);
 5. print one table and write it, with overlays, to the demo folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +31,14 @@ from omegaconf import OmegaConf
 
 from sam4mllm import CONFIG_DIR
 from sam4mllm.data import build_dataset
+from sam4mllm.data.masks import encode_rle
 from sam4mllm.data.synthetic import generate_synthetic
+from sam4mllm.evaluate import MERGED, evaluate, rescore, write_overlays, write_reports
 from sam4mllm.inference import SegmentResult, segment_targets
 from sam4mllm.labels import generate_labels, pixels_in_box
 from sam4mllm.metrics import SegmentationMeter
 from sam4mllm.report import markdown_table
+from sam4mllm.shards import read_shard
 
 log = logging.getLogger(__name__)
 ROOT = CONFIG_DIR.parent
@@ -62,6 +68,41 @@ def _afresh_if_stale(stage: Callable[[Any], Any], stage_cfg: Any) -> Any:
         return stage(stage_cfg)
 
 
+def _share_cores(workers: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def _workers(n: int) -> ProcessPoolExecutor | None:
+    """Processes that run the shards of label and evaluation jobs, started once (imports
+    take seconds) and shared by every job; ``None`` for one process."""
+    if n < 2:
+        return None
+    return ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_share_cores,
+                               initargs=(n,))
+
+
+def _sharded(stage: Callable[[Any], Any], config: str, overrides: list[str], pool: ProcessPoolExecutor | None,
+             shards: int) -> Any:
+    """A resumable job (labels, evaluation) as ``shards`` shards run at once by ``pool``'s workers
+    (one shard in this process without a pool).
+
+    Returns the merged result, which the last shard to finish writes (the same bytes
+    whichever shard that is, and the same as one process's).
+    """
+    shards = shards if pool else 1
+    cfgs = [compose_config(config, [*overrides, f"shard.index={i}", f"shard.count={shards}", f"progress={i == 0}"])
+            for i in range(shards)]
+
+    def run(_: Any) -> Any:
+        if pool is None:
+            return stage(cfgs[0])
+        return next(r for r in pool.map(stage, cfgs) if r is not None)
+
+    return _afresh_if_stale(run, cfgs[0])
+
+
 def _launch_training(cfg: Any, variant: str, common: list[str], labels: list[Path]) -> Path:
     """``deepspeed --num_gpus N scripts/train.py +exp=<variant> ...``; returns the run folder.
 
@@ -69,7 +110,6 @@ def _launch_training(cfg: Any, variant: str, common: list[str], labels: list[Pat
     builder and labels (their headers carry the benchmark's hash).
     """
     from sam4mllm.models.tiny import BUILDER_VERSION
-    from sam4mllm.shards import read_shard
 
     run_dir = Path(cfg.out_dir) / "runs" / variant
     overrides = [f"+exp={variant}", f"run_dir={run_dir}", *common, *cfg.train_overrides.get(variant, [])]
@@ -138,6 +178,33 @@ def baselines(segmenter: Any, seed: int) -> dict[str, Callable[[Any], SegmentRes
     return {"whole image": whole, "centre box -> segmenter": centre, "oracle: GT box + points -> segmenter": oracle}
 
 
+def box_only_from_pqpp(pqpp_dir: Path, out_dir: Path, dataset_cfg: Any, segmenter: Any,
+                       overlays: int) -> dict[str, Any]:
+    """Box-only scores from a PQPP evaluation: its own round-1 boxes, segmented without the points.
+
+    Round 1 is the same greedy generation in both variants, so this equals evaluating
+    ``variant=box_only`` without running the model again. Writes the same files an
+    evaluation does (predictions, metrics, overlays) to ``out_dir``.
+    """
+    header, records = read_shard(Path(pqpp_dir) / MERGED)
+    ds = build_dataset(dataset_cfg, header["split"])
+    for r in records:
+        r.pop("timings", None)  # PQPP's, which include round 2
+        if r.get("boxes"):
+            segmenter.set_image(ds[int(r["key"])].image)
+            masks = segment_targets(segmenter, np.asarray(r["boxes"], float), [], [])
+            r.update(masks=[encode_rle(m) for m in masks], points=[], labels=[], confidences=[])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / MERGED
+    with open(path, "w") as f:
+        for line in ({"header": {**header, "variant": "box_only"}}, *records):
+            f.write(json.dumps(line) + "\n")
+    metrics = rescore(path, dataset_cfg)
+    write_reports(out_dir, metrics)
+    write_overlays(path, ds, out_dir / "overlays", overlays)
+    return metrics
+
+
 def _row(name: str, res: dict[str, Any], gres: dict[str, Any]) -> list[Any]:
     n_res, n_gres = res["n"], gres["n"]
     invalid = (res["invalid_rate"] * n_res + gres["invalid_rate"] * n_gres) / (n_res + n_gres)
@@ -153,29 +220,29 @@ def run_demo(cfg: Any) -> list[list[Any]]:
     generate_synthetic(data_dir / "synthetic", instantiate(cfg.synthetic))
     paths = [f"paths.data_dir={data_dir}", f"paths.output_dir={cfg.paths.output_dir}"]
     common = [*paths, f"model={cfg.backbone}", *cfg.model_overrides]
-    print("== 2. PPG and PQPP labels with the offline segmenter", flush=True)
-    labels = {variant: [_afresh_if_stale(generate_labels, compose_config("gen_labels", [
-        *paths, f"+exp={variant}", f"dataset={view}", "shard.index=0", "shard.count=1"])) for view in VIEWS.values()]
-        for variant in ("ppg", "pqpp")}
-    print("== 3. training (deepspeed, CPU ranks)", flush=True)
-    runs = {v: _launch_training(cfg, v, common, labels[v]) for v in ("ppg", "pqpp")}
-    print("== 4. evaluation on synthetic val", flush=True)
-    rows = []
-    seg_cfg = compose_config("eval", common).sam
-    for name, predict in baselines(instantiate(seg_cfg), cfg.seed).items():
-        rows.append(_row(name, *(score_on_val(compose_config("eval", [*common, f"dataset={v}"]).dataset, predict)
-                                  for v in VIEWS.values())))
-    from sam4mllm.evaluate import evaluate
-
-    for label, variant, run in (("box-only (PQPP model, round 1)", "box_only", "pqpp"),
-                                ("SAM4MLLM-PPG", "ppg", "ppg"), ("SAM4MLLM-PQPP", "pqpp", "pqpp")):
-        metrics = []
-        for view in VIEWS.values():
-            ecfg = compose_config("eval", [*common, f"dataset={view}", f"variant={variant}",
-                                     f"checkpoint={runs[run] / 'final'}", f"out_dir={out / 'eval' / variant / view}",
-                                     f"eval.overlays={cfg.overlays}", *cfg.eval_overrides])
-            metrics.append(_afresh_if_stale(evaluate, ecfg))
-        rows.append(_row(label, *metrics))
+    with _workers(cfg.ranks) or contextlib.nullcontext() as pool:
+        print("== 2. PPG and PQPP labels with the offline segmenter", flush=True)
+        labels = {variant: [_sharded(generate_labels, "gen_labels", [
+            *paths, f"+exp={variant}", f"dataset={view}", *cfg.label_overrides.get(variant, [])],
+            pool if variant == "ppg" else None, cfg.ranks)  # PQPP labels need no segmenter: one process will do
+            for view in VIEWS.values()] for variant in ("ppg", "pqpp")}
+        print("== 3. training (deepspeed, CPU ranks)", flush=True)
+        runs = {"ppg": _launch_training(cfg, "ppg", common, labels["ppg"]),
+                "pqpp": _launch_training(cfg, "pqpp", [*common, f"pqpp_mode={cfg.pqpp_mode}"], labels["pqpp"])}
+        print("== 4. evaluation on synthetic val", flush=True)
+        datasets = [compose_config("eval", [*common, f"dataset={view}"]).dataset for view in VIEWS.values()]
+        segmenter = instantiate(compose_config("eval", common).sam)
+        rows = [_row(name, *(score_on_val(d, predict) for d in datasets))
+                for name, predict in baselines(segmenter, cfg.seed).items()]
+        learned = {variant: [_sharded(evaluate, "eval", [
+            *common, f"dataset={view}", f"variant={variant}", f"checkpoint={runs[variant] / 'final'}",
+            f"out_dir={out / 'eval' / variant / view}", f"eval.overlays={cfg.overlays}",
+            f"eval.pqpp.mode={cfg.pqpp_mode}", *cfg.eval_overrides], pool, cfg.ranks) for view in VIEWS.values()]
+            for variant in ("ppg", "pqpp")}
+    box_only = [box_only_from_pqpp(out / "eval" / "pqpp" / view, out / "eval" / "box_only" / view, d, segmenter,
+                                   cfg.overlays) for view, d in zip(VIEWS.values(), datasets, strict=True)]
+    rows += [_row("box-only (PQPP model, round 1)", *box_only), _row("SAM4MLLM-PPG", *learned["ppg"]),
+             _row("SAM4MLLM-PQPP", *learned["pqpp"])]
     table = markdown_table(COLUMNS, rows, digits=3)
     print("\n== 5. results on synthetic val (RES: one target per sentence; GRES: multi- and no-target)\n")
     print(table)

@@ -85,32 +85,29 @@ def test_learned_pqpp_beats_the_trivial_baselines_by_a_clear_margin(tmp_path):
     About 8 minutes, so `make test` leaves it out (the plumbing test above is CI's reduced
     version); `make test-learning` runs it.
     """
+    from pathlib import Path
+
     from hydra.utils import instantiate
 
-    from sam4mllm.data.synthetic import SyntheticConfig, generate_synthetic
+    from sam4mllm.data.synthetic import generate_synthetic
     from sam4mllm.demo import baselines, compose_config, score_on_val
     from sam4mllm.evaluate import evaluate
     from sam4mllm.labels import generate_labels
     from sam4mllm.training.trainer import train
 
-    data = tmp_path / "data"
-    generate_synthetic(data / "synthetic", SyntheticConfig(
-        width=100, height=100, min_objects=1, max_objects=1, radius={"small": 0.15, "big": 0.2},
-        images={"train": 1000, "val": 40, "testA": 1, "testB": 1}, reason_images={}))
-    paths = [f"paths.data_dir={data}", f"paths.output_dir={tmp_path / 'outputs'}"]
+    demo = compose_config("demo", [f"paths.root_dir={tmp_path}", "synthetic.reason_images={}",
+                                   "synthetic.images={train:1000,val:40,testA:1,testB:1}"])
+    generate_synthetic(Path(demo.paths.data_dir) / "synthetic", instantiate(demo.synthetic))  # the demo's benchmark
+    paths = [f"paths.data_dir={demo.paths.data_dir}", f"paths.output_dir={demo.paths.output_dir}"]
     for view in ("synthetic", "synthetic_gres"):  # the mixture reads both; GRES is switched off below
         generate_labels(compose_config("gen_labels", [*paths, "+exp=pqpp", f"dataset={view}", "labels.n_points=3",
                                                       "shard.index=0", "shard.count=1", "progress=false"]))
-    # Qwen3-VL's learned ViT position table at unit scale and 0.08 weights: the probes'
-    # fastest-learning tiny setting (README, "The CPU demo").
-    model = ["model=demo_qwen3vl", "++model.tiny.init_std=0.08", "++model.tiny.vision_pos_std=1.0"]
+    model = ["model=demo_qwen3vl"]  # the demo's model and optimiser (AdamW 1e-3)
     run = tmp_path / "run"
     train(compose_config("train", [
         *paths, *model, "+exp=pqpp", "deepspeed=none", "pqpp_mode=joint", f"run_dir={run}", "progress=false",
-        "train.max_steps=1000", "train.micro_batch_size=16", "train.optimizer._target_=torch.optim.AdamW",
-        "train.optimizer.lr=1e-3", "train.optimizer.weight_decay=0",
-        # No-target sentences need the binding one-object images cannot teach (README: a run with
-        # them localised far worse).
+        "train.max_steps=1000", "train.micro_batch_size=16",
+        # RES only: no-target sentences slow localising down (README, "The CPU demo").
         "data.sources.grefcoco.ratio=0", "data.sources.vqav2.ratio=0"]))
     eval_cfg = compose_config("eval", [*paths, *model, "variant=pqpp", f"checkpoint={run / 'final'}",
                                        "eval.pqpp.mode=joint", f"out_dir={tmp_path / 'eval'}", "progress=false"])

@@ -178,6 +178,32 @@ def test_evaluator_resumes_and_shards_merge_to_the_single_process_result(workspa
     assert [r["sample_id"] for r in a] == [r["sample_id"] for r in b]
 
 
+def test_box_only_from_pqpp_predictions_equals_evaluating_box_only(workspace, adapter, tmp_path):
+    from sam4mllm.demo import box_only_from_pqpp
+
+    answers = ["<|box_start|>(100,150),(600,700)<|box_end|>", "<|box_start|>(300,200),(900,800)<|box_end|>",
+               "No object found.", "a box, I think"]
+
+    class Varied(Scripted):  # round 1 depends on the sentence: boxes, no target and garbage
+        def generate(self, question, image, keep_cache=False):
+            self.text = answers[len(question) % len(answers)]
+            return super().generate(question, image, keep_cache)
+
+    metrics, records = {}, {}
+    for variant in ("pqpp", "box_only"):
+        cfg = _eval_cfg(workspace, tmp_path / variant, "dataset=synthetic_gres", f"variant={variant}")
+        metrics[variant] = evaluate(cfg, Varied(adapter, variant, "", p_yes=lambda n: np.linspace(0, 1, n)))
+        records[variant] = [json.loads(x) for x in (tmp_path / variant / "predictions.jsonl").read_text().splitlines()]
+    derived = box_only_from_pqpp(tmp_path / "pqpp", tmp_path / "derived", cfg.dataset, GrabCutSegmenter(), 2)
+    drop = ("seconds_per_sample",)  # the derived file has no model timings
+    assert {k: v for k, v in derived.items() if k not in drop} == {
+        k: v for k, v in metrics["box_only"].items() if k not in drop}
+    got = [json.loads(x) for x in (tmp_path / "derived" / "predictions.jsonl").read_text().splitlines()]
+    assert [r.get("masks") for r in got[1:]] == [r.get("masks") for r in records["box_only"][1:]]
+    assert metrics["pqpp"]["gIoU"] != derived["gIoU"]  # PQPP's points changed its masks; the derived rows drop them
+    assert 0 < derived["invalid_rate"] < 1 and derived["N-acc"] > 0 and derived["gIoU"] > 0
+
+
 def test_evaluation_of_a_retrained_checkpoint_does_not_resume_the_old_predictions(workspace, tmp_path):
     ckpt = tmp_path / "run" / "final"
     ckpt.mkdir(parents=True)
