@@ -27,7 +27,7 @@ test: $(STAMP) lint
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-# Trains a tiny PQPP model until it beats the trivial baselines (about 8 min; not in CI).
+# Trains a tiny PQPP model until it beats the trivial baselines (8-11 min; not in CI).
 test-learning: $(STAMP)
 	$(PY) -m pytest -q -m learning -s
 

@@ -82,7 +82,7 @@ def test_learned_pqpp_beats_the_trivial_baselines_by_a_clear_margin(tmp_path):
 
     On a benchmark a CPU can learn in minutes: one object per image, so it tests *localising*,
     not yet choosing the referred object among several (the demo's open problem, README).
-    About 8 minutes, so `make test` leaves it out (the plumbing test above is CI's reduced
+    8-11 minutes, so `make test` leaves it out (the plumbing test above is CI's reduced
     version); `make test-learning` runs it.
     """
     from pathlib import Path
