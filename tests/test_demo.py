@@ -107,7 +107,7 @@ def test_learned_pqpp_beats_the_trivial_baselines_by_a_clear_margin(tmp_path):
     train(compose_config("train", [
         *paths, *model, "+exp=pqpp", "deepspeed=none", "pqpp_mode=joint", f"run_dir={run}", "progress=false",
         "train.max_steps=1000", "train.micro_batch_size=16",
-        # RES only: no-target sentences slow localising down (README, "The CPU demo").
+        # RES only: no-target sentences slow localising down (docs/cpu_demo_history.md).
         "data.sources.grefcoco.ratio=0", "data.sources.vqav2.ratio=0"]))
     eval_cfg = compose_config("eval", [*paths, *model, "variant=pqpp", f"checkpoint={run / 'final'}",
                                        "eval.pqpp.mode=joint", f"out_dir={tmp_path / 'eval'}", "progress=false"])
