@@ -38,7 +38,7 @@ from sam4mllm.inference import SegmentResult, segment_targets
 from sam4mllm.labels import generate_labels, pixels_in_box
 from sam4mllm.metrics import SegmentationMeter
 from sam4mllm.report import markdown_table
-from sam4mllm.shards import read_shard
+from sam4mllm.shards import read_shard, write_records
 
 log = logging.getLogger(__name__)
 ROOT = CONFIG_DIR.parent
@@ -195,10 +195,7 @@ def box_only_from_pqpp(pqpp_dir: Path, out_dir: Path, dataset_cfg: Any, segmente
             masks = segment_targets(segmenter, np.asarray(r["boxes"], float), [], [])
             r.update(masks=[encode_rle(m) for m in masks], points=[], labels=[], confidences=[])
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / MERGED
-    with open(path, "w") as f:
-        for line in ({"header": {**header, "variant": "box_only"}}, *records):
-            f.write(json.dumps(line) + "\n")
+    path = write_records(out_dir / MERGED, {**header, "variant": "box_only"}, records)
     metrics = rescore(path, dataset_cfg)
     write_reports(out_dir, metrics)
     write_overlays(path, ds, out_dir / "overlays", overlays)

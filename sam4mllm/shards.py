@@ -117,14 +117,19 @@ def merge_shards(out_dir: Path, count: int, expected: int, header: dict[str, Any
     records.sort(key=lambda r: r["index"])
     if [r["index"] for r in records] != list(range(expected)):
         raise ValueError(f"shards in {out_dir} hold duplicate or foreign items; delete them and rerun")
-    out = Path(out_dir) / name
-    tmp = out.with_name(f".{name}.{os.getpid()}.tmp")
+    return write_records(Path(out_dir) / name, header, records)
+
+
+def write_records(path: Path, header: dict[str, Any], records: list[dict[str, Any]]) -> Path:
+    """Write a complete (merged-format) file atomically: a header line, then one record per line."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(json.dumps({"header": header}) + "\n")
         for r in records:
             f.write(json.dumps(r) + "\n")
-    tmp.replace(out)
-    return out
+    tmp.replace(path)
+    return path
 
 
 def iter_records(path: Path) -> Iterator[dict[str, Any]]:
