@@ -4,8 +4,10 @@
 2. PPG and PQPP labels with the offline segmenter;
 3. train a tiny PPG and a tiny PQPP model through the deepspeed launcher (2 CPU ranks);
 4. evaluate PPG, PQPP and box-only (PQPP's round-1 boxes without its points) on synthetic
-   val, RES and GRES, next to trivial baselines (whole image; centre box -> segmenter) and the
-   oracle (GT box + GT-derived points -> segmenter, the segmenter's ceiling);
+   val, RES and GRES, next to trivial baselines (whole image; centre box -> segmenter) and
+   oracles: GT box -> segmenter (box-only's ceiling), GT box + GT-derived points ->
+   segmenter (the segmenter's), and PQPP's boxes with its points answered from the GT
+   masks (what a perfect points round would add to these boxes);
 5. print one table and write it, with overlays, to the demo folder.
 """
 
@@ -34,7 +36,7 @@ from sam4mllm.data import build_dataset
 from sam4mllm.data.masks import encode_rle
 from sam4mllm.data.synthetic import generate_synthetic
 from sam4mllm.evaluate import MERGED, evaluate, rescore, write_overlays, write_reports
-from sam4mllm.inference import SegmentResult, segment_targets
+from sam4mllm.inference import PQPPConfig, SegmentResult, sample_points, segment_targets
 from sam4mllm.labels import generate_labels, pixels_in_box
 from sam4mllm.metrics import SegmentationMeter
 from sam4mllm.report import markdown_table
@@ -150,7 +152,8 @@ def score_on_val(dataset_cfg: Any, predict: Callable[[Any], SegmentResult]) -> d
 
 
 def baselines(segmenter: Any, seed: int) -> dict[str, Callable[[Any], SegmentResult]]:
-    """Predictors that need no MLLM: whole image, centre box, and the GT-prompted oracle."""
+    """Predictors that need no MLLM: whole image, centre box, and GT-prompted oracles (GT box
+    alone: the ceiling of box-only; GT box + points: the segmenter's)."""
     rng = np.random.default_rng(seed)
 
     def whole(s: Any) -> SegmentResult:
@@ -162,40 +165,54 @@ def baselines(segmenter: Any, seed: int) -> dict[str, Callable[[Any], SegmentRes
         segmenter.set_image(s.image)
         return SegmentResult(list(segmenter.predict(box).masks), box)
 
-    def oracle(s: Any) -> SegmentResult:
-        if not s.masks:
-            return SegmentResult([], np.zeros((0, 4)), no_target=True)
-        segmenter.set_image(s.image)
-        pts, labels = [], []
-        for m, b in zip(s.masks, s.boxes, strict=True):
-            pos, neg = pixels_in_box(m, b, True), pixels_in_box(m, b, False)
-            chosen = [pos[rng.integers(len(pos))] for _ in range(2)]
-            chosen += [neg[rng.integers(len(neg))]] if len(neg) else []
-            pts.append(np.array(chosen, float))
-            labels.append(np.array([1, 1, 0][: len(chosen)]))
-        return SegmentResult(segment_targets(segmenter, s.boxes, pts, labels), s.boxes)
+    def oracle(with_points: bool) -> Callable[[Any], SegmentResult]:
+        def predict(s: Any) -> SegmentResult:
+            if not s.masks:
+                return SegmentResult([], np.zeros((0, 4)), no_target=True)
+            segmenter.set_image(s.image)
+            pts, labels = [], []
+            targets = zip(s.masks, s.boxes, strict=True) if with_points else []
+            for m, b in targets:
+                pos, neg = pixels_in_box(m, b, True), pixels_in_box(m, b, False)
+                chosen = [pos[rng.integers(len(pos))] for _ in range(2)]
+                chosen += [neg[rng.integers(len(neg))]] if len(neg) else []
+                pts.append(np.array(chosen, float))
+                labels.append(np.array([1, 1, 0][: len(chosen)]))
+            return SegmentResult(segment_targets(segmenter, s.boxes, pts, labels), s.boxes)
+        return predict
 
-    return {"whole image": whole, "centre box -> segmenter": centre, "oracle: GT box + points -> segmenter": oracle}
+    return {"whole image": whole, "centre box -> segmenter": centre, "oracle: GT box -> segmenter": oracle(False),
+            "oracle: GT box + points -> segmenter": oracle(True)}
 
 
-def box_only_from_pqpp(pqpp_dir: Path, out_dir: Path, dataset_cfg: Any, segmenter: Any,
-                       overlays: int) -> dict[str, Any]:
-    """Box-only scores from a PQPP evaluation: its own round-1 boxes, segmented without the points.
+def from_pqpp_boxes(pqpp_dir: Path, out_dir: Path, dataset_cfg: Any, segmenter: Any, overlays: int,
+                    oracle_points: PQPPConfig | None = None) -> dict[str, Any]:
+    """Re-segment a PQPP evaluation's own round-1 boxes: without points (box-only), or with
+    ``oracle_points`` -- round 2's points, answered by the GT masks instead of the model.
 
-    Round 1 is the same greedy generation in both variants, so this equals evaluating
-    ``variant=box_only`` without running the model again. Writes the same files an
-    evaluation does (predictions, metrics, overlays) to ``out_dir``.
+    Round 1 is the same greedy generation in both variants, so the first equals evaluating
+    ``variant=box_only`` without running the model again; the second is what a perfect
+    points round would make of these boxes. Writes the files an evaluation does
+    (predictions, metrics, overlays) to ``out_dir``.
     """
     header, records = read_shard(Path(pqpp_dir) / MERGED)
     ds = build_dataset(dataset_cfg, header["split"])
     for r in records:
         r.pop("timings", None)  # PQPP's, which include round 2
         if r.get("boxes"):
-            segmenter.set_image(ds[int(r["key"])].image)
-            masks = segment_targets(segmenter, np.asarray(r["boxes"], float), [], [])
-            r.update(masks=[encode_rle(m) for m in masks], points=[], labels=[], confidences=[])
+            s = ds[int(r["key"])]
+            boxes, points, labels = np.asarray(r["boxes"], float), [], []
+            if oracle_points is not None:
+                gt = s.union_mask()
+                points = [sample_points(b, s.size, oracle_points, np.random.default_rng(0)) for b in boxes]
+                labels = [gt[p[:, 1], p[:, 0]].astype(np.int64) for p in points]
+            segmenter.set_image(s.image)
+            masks = segment_targets(segmenter, boxes, points, labels)
+            r.update(masks=[encode_rle(m) for m in masks], points=[p.tolist() for p in points],
+                     labels=[lb.tolist() for lb in labels], confidences=[[1.0] * len(p) for p in points])
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = write_records(out_dir / MERGED, {**header, "variant": "box_only"}, records)
+    variant = "box_only" if oracle_points is None else "pqpp_oracle_points"
+    path = write_records(out_dir / MERGED, {**header, "variant": variant}, records)
     metrics = rescore(path, dataset_cfg)
     write_reports(out_dir, metrics)
     write_overlays(path, ds, out_dir / "overlays", overlays)
@@ -236,10 +253,14 @@ def run_demo(cfg: Any) -> list[list[Any]]:
             f"out_dir={out / 'eval' / variant / view}", f"eval.overlays={cfg.overlays}",
             f"eval.pqpp.mode={cfg.pqpp_mode}", *cfg.eval_overrides], pool, cfg.ranks) for view in VIEWS.values()]
             for variant in ("ppg", "pqpp")}
-    box_only = [box_only_from_pqpp(out / "eval" / "pqpp" / view, out / "eval" / "box_only" / view, d, segmenter,
-                                   cfg.overlays) for view, d in zip(VIEWS.values(), datasets, strict=True)]
-    rows += [_row("box-only (PQPP model, round 1)", *box_only), _row("SAM4MLLM-PPG", *learned["ppg"]),
-             _row("SAM4MLLM-PQPP", *learned["pqpp"])]
+    grid = PQPPConfig(**OmegaConf.to_container(compose_config("eval", [*common, *cfg.eval_overrides]).eval.pqpp,
+                                                    resolve=True))  # the points PQPP asked about
+    derived = {name: [from_pqpp_boxes(out / "eval" / "pqpp" / view, out / "eval" / folder / view, d, segmenter,
+                                      cfg.overlays, points) for view, d in zip(VIEWS.values(), datasets, strict=True)]
+               for name, folder, points in [("box-only (PQPP model, round 1)", "box_only", None),
+                                            ("PQPP boxes + GT point answers", "pqpp_oracle_points", grid)]}
+    rows += [_row(name, *derived[name]) for name in derived]
+    rows += [_row("SAM4MLLM-PPG", *learned["ppg"]), _row("SAM4MLLM-PQPP", *learned["pqpp"])]
     table = markdown_table(COLUMNS, rows, digits=3)
     print("\n== 5. results on synthetic val (RES: one target per sentence; GRES: multi- and no-target)\n")
     print(table)

@@ -30,11 +30,13 @@ def _cfg(tmp_path, out):
 def test_demo_pipeline_runs_end_to_end_and_is_deterministic(tmp_path, capsys):
     rows = run_demo(_cfg(tmp_path, tmp_path / "demo_a"))
     names = [r[0] for r in rows]
-    assert names == ["whole image", "centre box -> segmenter", "oracle: GT box + points -> segmenter",
-                     "box-only (PQPP model, round 1)", "SAM4MLLM-PPG", "SAM4MLLM-PQPP"]
+    assert names == ["whole image", "centre box -> segmenter", "oracle: GT box -> segmenter",
+                     "oracle: GT box + points -> segmenter", "box-only (PQPP model, round 1)",
+                     "PQPP boxes + GT point answers", "SAM4MLLM-PPG", "SAM4MLLM-PQPP"]
     assert all(len(r) == len(COLUMNS) for r in rows)
-    oracle, whole = rows[2], rows[0]
+    whole, gt_box, oracle = rows[0], rows[2], rows[3]
     assert oracle[1] > 0.9 and oracle[5] == 1.0 and whole[1] < 0.5  # the segmenter's ceiling and the floor
+    assert gt_box[1] > 0.9 and gt_box[5] == 1.0
     assert "| SAM4MLLM-PQPP" in capsys.readouterr().out
     assert list((tmp_path / "demo_a" / "eval" / "pqpp" / "synthetic" / "overlays").glob("*.png"))
     # Same seed, fresh run folder (training reused only through the run folder): the same table.

@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from sam4mllm.codec import Point, TargetPrompt
+from sam4mllm.data import build_dataset
 from sam4mllm.dialogs import Dialog, box_question, point_question
 from sam4mllm.evaluate import evaluate, rescore
 from sam4mllm.inference import PQPPConfig, Sam4MLLM, SegmentResult, sample_points
@@ -134,8 +136,6 @@ def _eval_cfg(workspace, out, *extra):
 
 
 def _run(cfg, oracle):
-    from sam4mllm.data import build_dataset
-
     ds = build_dataset(cfg.dataset, cfg.split)
 
     class Feed:
@@ -150,8 +150,6 @@ def test_evaluator_scores_oracle_perfectly_and_counts_invalid(workspace, tmp_pat
     m = _run(_eval_cfg(workspace, tmp_path / "a", "dataset=synthetic_gres"), Oracle())
     assert m["cIoU"] == 1.0 and m["gIoU"] == 1.0 and m["N-acc"] == 1.0 and m["invalid_rate"] == 0.0
     m2 = _run(_eval_cfg(workspace, tmp_path / "b", "dataset=synthetic_gres"), Oracle(garbage_every=4))
-    from sam4mllm.data import build_dataset
-
     ds = build_dataset(_eval_cfg(workspace, tmp_path / "b", "dataset=synthetic_gres").dataset, "val")
     n_bad = sum(len(r["expression"]) % 4 == 0 for r in ds.records)
     assert n_bad > 0 and m2["invalid_rate"] == pytest.approx(n_bad / m2["n"]) and m2["gIoU"] < 1.0
@@ -178,8 +176,8 @@ def test_evaluator_resumes_and_shards_merge_to_the_single_process_result(workspa
     assert [r["sample_id"] for r in a] == [r["sample_id"] for r in b]
 
 
-def test_box_only_from_pqpp_predictions_equals_evaluating_box_only(workspace, adapter, tmp_path):
-    from sam4mllm.demo import box_only_from_pqpp
+def test_pqpp_boxes_resegmented_equal_box_only_and_gain_from_gt_point_answers(workspace, adapter, tmp_path):
+    from sam4mllm.demo import from_pqpp_boxes
 
     answers = ["<|box_start|>(100,150),(600,700)<|box_end|>", "<|box_start|>(300,200),(900,800)<|box_end|>",
                "No object found.", "a box, I think"]
@@ -194,7 +192,7 @@ def test_box_only_from_pqpp_predictions_equals_evaluating_box_only(workspace, ad
         cfg = _eval_cfg(workspace, tmp_path / variant, "dataset=synthetic_gres", f"variant={variant}")
         metrics[variant] = evaluate(cfg, Varied(adapter, variant, "", p_yes=lambda n: np.linspace(0, 1, n)))
         records[variant] = [json.loads(x) for x in (tmp_path / variant / "predictions.jsonl").read_text().splitlines()]
-    derived = box_only_from_pqpp(tmp_path / "pqpp", tmp_path / "derived", cfg.dataset, GrabCutSegmenter(), 2)
+    derived = from_pqpp_boxes(tmp_path / "pqpp", tmp_path / "derived", cfg.dataset, GrabCutSegmenter(), 2)
     drop = ("seconds_per_sample",)  # the derived file has no model timings
     assert {k: v for k, v in derived.items() if k not in drop} == {
         k: v for k, v in metrics["box_only"].items() if k not in drop}
@@ -202,6 +200,19 @@ def test_box_only_from_pqpp_predictions_equals_evaluating_box_only(workspace, ad
     assert [r.get("masks") for r in got[1:]] == [r.get("masks") for r in records["box_only"][1:]]
     assert metrics["pqpp"]["gIoU"] != derived["gIoU"]  # PQPP's points changed its masks; the derived rows drop them
     assert 0 < derived["invalid_rate"] < 1 and derived["N-acc"] > 0 and derived["gIoU"] > 0
+
+    # The same boxes with round 2's grid answered by the GT masks: a perfect points round.
+    grid = PQPPConfig(**OmegaConf.to_container(cfg.eval.pqpp))
+    oracle = from_pqpp_boxes(tmp_path / "pqpp", tmp_path / "oracle", cfg.dataset, GrabCutSegmenter(), 0, grid)
+    ds = build_dataset(cfg.dataset, "val")
+    for r in [json.loads(x) for x in (tmp_path / "oracle" / "predictions.jsonl").read_text().splitlines()[1:]]:
+        gt = ds[int(r["key"])].union_mask()
+        for pts, labels in zip(r["points"], r["labels"], strict=True):
+            assert len(pts) == grid.grid ** 2 and [int(gt[y, x]) for x, y in pts] == labels
+        assert len(r["points"]) == len(r.get("boxes") or [])
+    # These boxes span several shapes: negative points on the others must help the segmenter,
+    # and all-negative answers in a box over no target must empty its mask.
+    assert oracle["cIoU"] > derived["cIoU"] + 0.05 and oracle["N-acc"] > derived["N-acc"]
 
 
 def test_evaluation_of_a_retrained_checkpoint_does_not_resume_the_old_predictions(workspace, tmp_path):
@@ -241,7 +252,6 @@ def test_paper_tables_put_ours_next_to_the_paper(tmp_path):
 
 
 def test_vqa_evaluation_uses_the_official_accuracy(workspace, tmp_path):
-    from sam4mllm.data import build_dataset
     from sam4mllm.metrics import vqa_accuracy
 
     cfg = _eval_cfg(workspace, tmp_path / "vqa", "dataset=synthetic_vqa")
