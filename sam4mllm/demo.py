@@ -188,7 +188,8 @@ def baselines(segmenter: Any, seed: int) -> dict[str, Callable[[Any], SegmentRes
 def from_pqpp_boxes(pqpp_dir: Path, out_dir: Path, dataset_cfg: Any, segmenter: Any, overlays: int,
                     oracle_points: PQPPConfig | None = None) -> dict[str, Any]:
     """Re-segment a PQPP evaluation's own round-1 boxes: without points (box-only), or with
-    ``oracle_points`` -- round 2's points, answered by the GT masks instead of the model.
+    ``oracle_points`` -- round 2's points answered by the GT masks instead of the model (the
+    same grid with ``sampling=grid``; other random points with ``sampling=random``).
 
     Round 1 is the same greedy generation in both variants, so the first equals evaluating
     ``variant=box_only`` without running the model again; the second is what a perfect
@@ -245,7 +246,8 @@ def run_demo(cfg: Any) -> list[list[Any]]:
                 "pqpp": _launch_training(cfg, "pqpp", [*common, f"pqpp_mode={cfg.pqpp_mode}"], labels["pqpp"])}
         print("== 4. evaluation on synthetic val", flush=True)
         datasets = [compose_config("eval", [*common, f"dataset={view}"]).dataset for view in VIEWS.values()]
-        segmenter = instantiate(compose_config("eval", common).sam)
+        eval_cfg = compose_config("eval", [*common, *cfg.eval_overrides])  # what every evaluation shares
+        segmenter = instantiate(eval_cfg.sam)
         rows = [_row(name, *(score_on_val(d, predict) for d in datasets))
                 for name, predict in baselines(segmenter, cfg.seed).items()]
         learned = {variant: [_sharded(evaluate, "eval", [
@@ -253,8 +255,7 @@ def run_demo(cfg: Any) -> list[list[Any]]:
             f"out_dir={out / 'eval' / variant / view}", f"eval.overlays={cfg.overlays}",
             f"eval.pqpp.mode={cfg.pqpp_mode}", *cfg.eval_overrides], pool, cfg.ranks) for view in VIEWS.values()]
             for variant in ("ppg", "pqpp")}
-    grid = PQPPConfig(**OmegaConf.to_container(compose_config("eval", [*common, *cfg.eval_overrides]).eval.pqpp,
-                                                    resolve=True))  # the points PQPP asked about
+    grid = PQPPConfig(**OmegaConf.to_container(eval_cfg.eval.pqpp, resolve=True))  # the points PQPP asked about
     derived = {name: [from_pqpp_boxes(out / "eval" / "pqpp" / view, out / "eval" / folder / view, d, segmenter,
                                       cfg.overlays, points) for view, d in zip(VIEWS.values(), datasets, strict=True)]
                for name, folder, points in [("box-only (PQPP model, round 1)", "box_only", None),
