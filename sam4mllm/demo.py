@@ -238,20 +238,22 @@ def run_demo(cfg: Any) -> list[list[Any]]:
     with _workers(cfg.ranks) or contextlib.nullcontext() as pool:
         print("== 2. PPG and PQPP labels with the offline segmenter", flush=True)
         labels = {variant: [_sharded(generate_labels, "gen_labels", [
-            *paths, f"+exp={variant}", f"dataset={view}", *cfg.label_overrides.get(variant, [])],
+            *paths, f"seed={cfg.seed}", f"+exp={variant}", f"dataset={view}", *cfg.label_overrides.get(variant, [])],
             pool if variant == "ppg" else None, cfg.ranks)  # PQPP labels need no segmenter: one process will do
             for view in VIEWS.values()] for variant in ("ppg", "pqpp")}
         print("== 3. training (deepspeed, CPU ranks)", flush=True)
-        runs = {"ppg": _launch_training(cfg, "ppg", common, labels["ppg"]),
-                "pqpp": _launch_training(cfg, "pqpp", [*common, f"pqpp_mode={cfg.pqpp_mode}"], labels["pqpp"])}
+        seeded = [*common, f"train.seed={cfg.seed}"]
+        runs = {"ppg": _launch_training(cfg, "ppg", seeded, labels["ppg"]),
+                "pqpp": _launch_training(cfg, "pqpp", [*seeded, f"pqpp_mode={cfg.pqpp_mode}"], labels["pqpp"])}
         print("== 4. evaluation on synthetic val", flush=True)
         datasets = [compose_config("eval", [*common, f"dataset={view}"]).dataset for view in VIEWS.values()]
-        eval_cfg = compose_config("eval", [*common, *cfg.eval_overrides])  # what every evaluation shares
+        evaluated = [*common, f"seed={cfg.seed}"]
+        eval_cfg = compose_config("eval", [*evaluated, *cfg.eval_overrides])  # what every evaluation shares
         segmenter = instantiate(eval_cfg.sam)
         rows = [_row(name, *(score_on_val(d, predict) for d in datasets))
                 for name, predict in baselines(segmenter, cfg.seed).items()]
         learned = {variant: [_sharded(evaluate, "eval", [
-            *common, f"dataset={view}", f"variant={variant}", f"checkpoint={runs[variant] / 'final'}",
+            *evaluated, f"dataset={view}", f"variant={variant}", f"checkpoint={runs[variant] / 'final'}",
             f"out_dir={out / 'eval' / variant / view}", f"eval.overlays={cfg.overlays}",
             f"eval.pqpp.mode={cfg.pqpp_mode}", *cfg.eval_overrides], pool, cfg.ranks) for view in VIEWS.values()]
             for variant in ("ppg", "pqpp")}

@@ -76,6 +76,39 @@ def test_a_finished_run_is_reused_only_for_the_same_inputs(tmp_path, monkeypatch
     assert len(trained) == 4
 
 
+def test_the_demo_seed_reaches_labels_training_and_evaluation(tmp_path, monkeypatch):
+    import sam4mllm.demo as demo
+
+    jobs = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_sharded(stage, config, overrides, pool, shards):  # records what each job would be composed from
+        jobs.append((config, overrides))
+        return tmp_path / "labels.jsonl" if config == "gen_labels" else None
+
+    def fake_training(cfg, variant, common, labels):
+        jobs.append(("train", [f"+exp={variant}", *common, *cfg.train_overrides.get(variant, [])]))
+        return tmp_path / variant
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(demo, "_sharded", fake_sharded)
+    monkeypatch.setattr(demo, "_launch_training", fake_training)
+    monkeypatch.setattr(demo, "baselines", lambda segmenter, seed: {})
+    monkeypatch.setattr(demo, "from_pqpp_boxes", stop)
+    cfg = _cfg(tmp_path, tmp_path / "demo")
+    cfg.seed = 7
+    with pytest.raises(Stop):
+        run_demo(cfg)
+    assert sorted({name for name, _ in jobs}) == ["eval", "gen_labels", "train"]
+    for name, overrides in jobs:
+        composed = demo.compose_config(name, overrides)
+        assert (composed.train.seed if name == "train" else composed.seed) == 7, name
+
+
 @pytest.mark.slow
 @pytest.mark.learning
 def test_learned_pqpp_beats_the_trivial_baselines_by_a_clear_margin(tmp_path):
