@@ -9,6 +9,7 @@ the accuracy targets.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -44,20 +45,21 @@ def test_demo_pipeline_runs_end_to_end_and_is_deterministic(tmp_path, capsys):
     assert json.dumps(again) == json.dumps(rows)
 
 
-def test_a_finished_run_is_reused_only_for_the_same_inputs(tmp_path, monkeypatch):
-    from pathlib import Path
-
-    import sam4mllm.demo as demo
-
-    trained = []
-
-    def fake_training(cmd, **kwargs):  # stands in for the deepspeed launcher
+def _fake_launcher(launched: list):
+    """Stands in for the deepspeed launcher: records the command and leaves a finished run."""
+    def run(cmd, **kwargs):
         run_dir = Path(next(a for a in cmd if a.startswith("run_dir=")).split("=", 1)[1])
         (run_dir / "final").mkdir(parents=True)
         (run_dir / "final" / "sam4mllm.json").write_text("{}")
-        trained.append(cmd)
+        launched.append(cmd)
+    return run
 
-    monkeypatch.setattr(demo.subprocess, "run", fake_training)
+
+def test_a_finished_run_is_reused_only_for_the_same_inputs(tmp_path, monkeypatch):
+    import sam4mllm.demo as demo
+
+    trained = []
+    monkeypatch.setattr(demo.subprocess, "run", _fake_launcher(trained))
     cfg = _cfg(tmp_path, tmp_path / "demo")
     common = [f"paths.data_dir={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'outputs'}", "model=demo_qwen2vl"]
     labels = tmp_path / "labels.jsonl"
@@ -79,30 +81,30 @@ def test_a_finished_run_is_reused_only_for_the_same_inputs(tmp_path, monkeypatch
 def test_the_demo_seed_reaches_labels_training_and_evaluation(tmp_path, monkeypatch):
     import sam4mllm.demo as demo
 
-    jobs = []
+    jobs, launched = [], []
 
     class Stop(Exception):
         pass
 
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({"header": {"data": "benchmark"}}) + "\n")
+
     def fake_sharded(stage, config, overrides, pool, shards):  # records what each job would be composed from
         jobs.append((config, overrides))
-        return tmp_path / "labels.jsonl" if config == "gen_labels" else None
-
-    def fake_training(cfg, variant, common, labels):
-        jobs.append(("train", [f"+exp={variant}", *common, *cfg.train_overrides.get(variant, [])]))
-        return tmp_path / variant
+        return labels if config == "gen_labels" else None
 
     def stop(*args, **kwargs):
         raise Stop
 
     monkeypatch.setattr(demo, "_sharded", fake_sharded)
-    monkeypatch.setattr(demo, "_launch_training", fake_training)
+    monkeypatch.setattr(demo.subprocess, "run", _fake_launcher(launched))
     monkeypatch.setattr(demo, "baselines", lambda segmenter, seed: {})
     monkeypatch.setattr(demo, "from_pqpp_boxes", stop)
     cfg = _cfg(tmp_path, tmp_path / "demo")
     cfg.seed = 7
     with pytest.raises(Stop):
         run_demo(cfg)
+    jobs += [("train", cmd[cmd.index("scripts/train.py") + 1:]) for cmd in launched]  # what train.py is given
     assert sorted({name for name, _ in jobs}) == ["eval", "gen_labels", "train"]
     for name, overrides in jobs:
         composed = demo.compose_config(name, overrides)
@@ -120,8 +122,6 @@ def test_learned_pqpp_beats_the_trivial_baselines_by_a_clear_margin(tmp_path):
     8-11 minutes, so `make test` leaves it out (the plumbing test above is CI's reduced
     version); `make test-learning` runs it.
     """
-    from pathlib import Path
-
     from hydra.utils import instantiate
 
     from sam4mllm.data.synthetic import generate_synthetic
