@@ -49,11 +49,11 @@ def test_only_the_decoder_trains_the_loss_falls_and_the_checkpoint_loads(synthet
     torch.manual_seed(0)
     seg = build_segment_anything("vit_b", allow_random_init=True, encoder=TINY)
     frozen = {k: v.clone() for k, v in seg.model.state_dict().items() if not k.startswith("mask_decoder")}
-    ckpt = finetune_decoder(_cfg(synthetic, tmp_path, "epochs=3", "lr=3e-4"), seg)
+    ckpt = finetune_decoder(_cfg(synthetic, tmp_path, "epochs=2", "lr=3e-4"), seg)
     import json
 
     losses = json.loads((tmp_path / "train_log.json").read_text())["losses"]
-    per_epoch = np.array(losses).reshape(3, -1).mean(1)  # measured: 1.73, 1.11, 1.00
+    per_epoch = np.array(losses).reshape(2, -1).mean(1)  # measured: 1.73, 1.11
     assert per_epoch[-1] < 0.7 * per_epoch[0], per_epoch
     for k, v in seg.model.state_dict().items():
         if k in frozen:

@@ -183,12 +183,11 @@ def test_strip_local_rank(monkeypatch):
     assert strip_local_rank(["t.py", "--local_rank", "0", "a=b"]) == ["t.py", "a=b"]
 
 
-def _deepspeed(workspace, run_dir, n_ranks: int | None, *extra: str) -> subprocess.CompletedProcess:
+def _deepspeed(workspace, run_dir, n_ranks: int, *extra: str) -> subprocess.CompletedProcess:
     from sam4mllm.training.launch import free_port
 
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--master_port", str(free_port())]
-    if n_ranks:
-        launcher += ["--num_gpus", str(n_ranks)]
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--master_port", str(free_port()),
+                "--num_gpus", str(n_ranks)]
     cmd = [*launcher, "scripts/train.py", "+exp=pqpp", *workspace.base, f"run_dir={run_dir}", "progress=false",
            *extra]
     env = {**os.environ, "WANDB_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -196,10 +195,14 @@ def _deepspeed(workspace, run_dir, n_ranks: int | None, *extra: str) -> subproce
 
 
 def test_two_rank_zero2_cpu_run_through_the_deepspeed_launcher(workspace, tmp_path):
+    """`deepspeed scripts/train.py +exp=pqpp` as typed, plus overrides that keep it short and
+    `--num_gpus 2` (on a CPU the launcher counts NUMA nodes, often one)."""
     r = _deepspeed(workspace, tmp_path / "ds", 2, "train.max_steps=6", "train.micro_batch_size=2",
                    "train.grad_accum=1", "train.optimizer.lr=1e-3", "train.save_every=3")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert "dist_world_size=2" in r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert "dist_world_size=2" in out
+    assert "--local_rank=1" in out  # the launcher appends it; Hydra would reject it unstripped
     losses = _losses(tmp_path / "ds")
     assert len(losses) == 6 and losses[6] < losses[1]
     cfg = (tmp_path / "ds" / "config.yaml").read_text()
@@ -208,14 +211,6 @@ def test_two_rank_zero2_cpu_run_through_the_deepspeed_launcher(workspace, tmp_pa
     port = r.args[r.args.index("--master_port") + 1]
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert (tmp_path / "ds" / "checkpoints" / "latest").read_text().strip() == "step-0000006"
-
-
-def test_the_literal_command_copes_with_the_launchers_local_rank(workspace, tmp_path):
-    """`deepspeed scripts/train.py +exp=pqpp` as typed (plus overrides that keep it short)."""
-    r = _deepspeed(workspace, tmp_path / "lit", None, "train.max_steps=1")
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert "--local_rank=0" in r.stdout + r.stderr
-    assert len(_losses(tmp_path / "lit")) == 1
 
 
 @pytest.mark.parametrize("model", ["qwen2vl_7b", "qwen2_5vl_7b", "qwen3vl_8b", "llava_next_7b", "qwen_vl_chat"])
