@@ -134,9 +134,8 @@ def _launch_training(cfg: Any, variant: str, common: list[str], labels: list[Pat
                 "--master_port", str(free_port())]  # another run may hold the default port
     cmd = [*launcher, "scripts/train.py", *overrides] if cfg.deepspeed else [
         sys.executable, "scripts/train.py", "deepspeed=none", *overrides]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     print(f"\n== training {variant}: {' '.join(cmd[1:])}", flush=True)
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
     stamp_path.write_text(json.dumps(stamp))
     return run_dir
 

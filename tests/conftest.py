@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
 from sam4mllm.data.synthetic import SyntheticConfig, SyntheticReport, generate_synthetic
 
 os.environ.setdefault("WANDB_MODE", "disabled")
-# As in an activated venv: DeepSpeed JIT-builds its CPU comm op with the first `ninja` on PATH,
-# and the venv's ninja (1.13) and the system's (1.11) hash build commands differently, so
-# runs that alternated between them (the demo's launcher has the venv first) rebuilt the op.
-os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 SMALL = SyntheticConfig(
     seed=3,

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from sam4mllm.codec import Point, TargetPrompt
 from sam4mllm.dialogs import ppg_dialog, pqpp_dialog, vqa_dialog
 from sam4mllm.models.adapter import IGNORE_INDEX, Adapter
-from sam4mllm.training.launch import strip_local_rank
+from sam4mllm.training.launch import env_tools_first, strip_local_rank
 from sam4mllm.training.trainer import apply_finetuning, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,6 +176,13 @@ def test_final_adapter_and_merge(workspace, tmp_path):
     assert torch.allclose(lp, lm, atol=1e-4)
 
 
+def test_env_tools_come_first_on_path(monkeypatch):
+    tools = str(Path(sys.executable).parent)
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/local/bin", tools, "/usr/bin"]))
+    env_tools_first()
+    assert os.environ["PATH"].split(os.pathsep) == [tools, "/usr/local/bin", "/usr/bin"]
+
+
 def test_strip_local_rank(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert strip_local_rank(["train.py", "--local_rank=1", "+exp=pqpp"]) == ["train.py", "+exp=pqpp"]
@@ -190,7 +197,7 @@ def _deepspeed(workspace, run_dir, n_ranks: int, *extra: str) -> subprocess.Comp
                 "--num_gpus", str(n_ranks)]
     cmd = [*launcher, "scripts/train.py", "+exp=pqpp", *workspace.base, f"run_dir={run_dir}", "progress=false",
            *extra]
-    env = {**os.environ, "WANDB_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**os.environ, "WANDB_MODE": "disabled"}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

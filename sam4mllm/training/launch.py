@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:
@@ -32,3 +34,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def env_tools_first() -> None:
+    """Put this interpreter's ``bin`` first on ``PATH``, as an activated venv does.
+
+    DeepSpeed JIT-builds its CPU comm op with the first ``ninja`` on ``PATH``. The venv's
+    ninja (1.13) and the system's (1.11) hash the same build command differently, so runs
+    that alternated between them (an activated shell, then a plain ``.venv/bin/deepspeed``)
+    rebuilt the op, about a minute each time.
+    """
+    tools = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    os.environ["PATH"] = os.pathsep.join([tools, *(p for p in path if p and p != tools)])

@@ -73,8 +73,10 @@ def _init_distributed(use_deepspeed: bool) -> None:
     if use_deepspeed:
         import deepspeed
 
+        from sam4mllm.training.launch import env_tools_first, free_port
+
+        env_tools_first()  # the same ninja builds DeepSpeed's ops whichever shell started the run
         if "RANK" not in os.environ:  # `python scripts/train.py` without a launcher: a group of one
-            from sam4mllm.training.launch import free_port
 
             os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                                "MASTER_PORT": str(free_port())})
