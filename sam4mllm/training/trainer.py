@@ -77,7 +77,6 @@ def _init_distributed(use_deepspeed: bool) -> None:
 
         env_tools_first()  # the same ninja builds DeepSpeed's ops whichever shell started the run
         if "RANK" not in os.environ:  # `python scripts/train.py` without a launcher: a group of one
-
             os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                                "MASTER_PORT": str(free_port())})
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
