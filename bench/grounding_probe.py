@@ -1,7 +1,8 @@
 """Can a random-init tiny backbone learn to *localise* on the CPU? Val box IoU over training steps.
 
     python bench/grounding_probe.py [--families qwen2vl qwen3vl] [--objects 1 1] [--steps 1300]
-                                    [--init-std 0.02] [--pos-std STD] [--size 112] [--radius 0.09 0.15]
+                                    [--init-std 0.02] [--pos-std STD] [--model-seed 0] [--size 112]
+                                    [--radius 0.09 0.15]
 
 PQPP round-1 (box-only) dialogs built straight from the synthetic GT boxes (no segmenter), full
 fine-tune with AdamW, batch 16, greedy decoding on 60 val sentences. It isolates the
@@ -51,7 +52,7 @@ def val_box_iou(predictor: Sam4MLLM, samples: list) -> float:
 def probe(family: str, root: Path, tmp: Path, steps: int, every: int,
           init: dict[str, float | None]) -> list[tuple[int, float, float]]:
     """``(step, mean train loss since last report, val box IoU)`` rows for one family;
-    ``init`` holds the tiny builder's ``init_std`` and ``vision_pos_std``."""
+    ``init`` holds the tiny builder's ``init_std``, ``vision_pos_std`` and ``seed``."""
     torch.manual_seed(0)
     adapter = build_adapter(family, str(tmp / family), dtype="float32", max_length=512,
                             tiny={"hidden_size": 128, "intermediate_size": 256, "num_layers": 4,
@@ -91,11 +92,12 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=325)
     ap.add_argument("--init-std", type=float, default=0.02, help="tiny-model weight init std")
     ap.add_argument("--pos-std", type=float, default=None, help="Qwen3-VL ViT position-table init std")
+    ap.add_argument("--model-seed", type=int, default=0, help="tiny-model init seed (training order stays seed 0)")
     ap.add_argument("--size", type=int, default=112, help="synthetic image side in pixels")
     ap.add_argument("--radius", nargs=2, type=float, default=[0.09, 0.15], help="small and big object radius "
                     "as a fraction of the side")
     args = ap.parse_args()
-    init = {"init_std": args.init_std, "vision_pos_std": args.pos_std}
+    init = {"init_std": args.init_std, "vision_pos_std": args.pos_std, "seed": args.model_seed}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "synthetic"
         generate_synthetic(root, SyntheticConfig(min_objects=args.objects[0], max_objects=args.objects[1],
