@@ -203,15 +203,18 @@ def _deepspeed(workspace, run_dir, n_ranks: int, *extra: str) -> subprocess.Comp
 
 def test_two_rank_zero2_cpu_run_through_the_deepspeed_launcher(workspace, tmp_path):
     """`deepspeed scripts/train.py +exp=pqpp` as typed, plus overrides that keep it short and
-    `--num_gpus 2` (on a CPU the launcher counts NUMA nodes, often one)."""
-    r = _deepspeed(workspace, tmp_path / "ds", 2, "train.max_steps=6", "train.micro_batch_size=2",
-                   "train.grad_accum=1", "train.optimizer.lr=1e-3", "train.save_every=3")
+    `--num_gpus 2` (on a CPU the launcher counts NUMA nodes, often one). Two ranks of one
+    example each follow one process that accumulates the same two examples per step."""
+    same = ["train.max_steps=6", "train.micro_batch_size=1", "train.optimizer.lr=1e-3", "train.lora.dropout=0"]
+    r = _deepspeed(workspace, tmp_path / "ds", 2, *same, "train.grad_accum=1", "train.save_every=3")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     out = r.stdout + r.stderr
     assert "dist_world_size=2" in out
     assert "--local_rank=1" in out  # the launcher appends it; Hydra would reject it unstripped
     losses = _losses(tmp_path / "ds")
-    assert len(losses) == 6 and losses[6] < losses[1]
+    one = train(_cfg(workspace, tmp_path / "one", *same, "train.grad_accum=2", "save_final=false"))
+    assert [losses[s] for s in range(1, 7)] == pytest.approx([h["loss"] for h in one], abs=1e-5)
+    assert losses[6] < losses[1]
     cfg = (tmp_path / "ds" / "config.yaml").read_text()
     assert "stage: 2" in cfg
     # DeepSpeed's CPU all-reduce buffers (~70 MB of RAM each) must not outlive the run.

@@ -158,8 +158,10 @@ class Trainer:
         if self.run_dir.exists() and any(self.run_dir.iterdir()) and not self.cfg.resume:
             raise FileExistsError(f"{self.run_dir} exists; set resume=true to continue it or choose another run_dir")
         barrier()
-        self._seed(self.t.seed)
         self.adapter = instantiate(self.cfg.model)
+        # Seeded after loading: building a tiny model re-seeds the global RNG, so a LoRA
+        # init seeded before it depended on whether this process had built or loaded it.
+        self._seed(self.t.seed)
         self.counts = apply_finetuning(self.adapter, self.t)
         self.data = self._dataset()
         # Accumulation windows may span epochs (as DeepSpeed counts micro-steps), so the
