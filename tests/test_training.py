@@ -155,6 +155,16 @@ def test_kill_and_resume_follows_the_uninterrupted_loss_curve(workspace, tmp_pat
     assert full[-1]["loss"] < full[0]["loss"]
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_lr_schedule_after_warmup(workspace, tmp_path, schedule):
+    lr, steps = 1e-3, 5
+    hist = train(_cfg(workspace, tmp_path / schedule, f"train.max_steps={steps}", f"train.optimizer.lr={lr}",
+                      "train.warmup_ratio=0.2", f"train.schedule={schedule}", "save_final=false"))
+    # The lr logged after step k is the one step k + 1 uses; the warm-up is one step.
+    want = [lr * (0.5 * (1 + np.cos(np.pi * k / (steps - 1))) if schedule == "cosine" else 1.0) for k in range(steps)]
+    assert [h["lr"] for h in hist] == pytest.approx(want, rel=1e-6, abs=1e-12)
+
+
 def test_final_adapter_and_merge(workspace, tmp_path):
     from sam4mllm.models.merge import merge_adapter
 

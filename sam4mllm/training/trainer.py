@@ -1,10 +1,10 @@
 """``train(cfg)``: LoRA (or, for tiny models, full) fine-tuning under DeepSpeed or plain PyTorch.
 
 What trains (paper §4.1): peft LoRA on the LLM's linear layers plus the vision
-projector/resampler in full; nothing else. Lion, cosine schedule with warm-up, per-device
-micro-batch with gradient accumulation. Checkpoints hold the trainable weights,
-optimizer, scheduler, step, data position and RNG state, and a resumed run follows the
-same loss curve as an uninterrupted one.
+projector/resampler in full; nothing else. Lion, cosine schedule with warm-up (the tiny
+demo model: constant), per-device micro-batch with gradient accumulation. Checkpoints
+hold the trainable weights, optimizer, scheduler, step, data position and RNG state, and
+a resumed run follows the same loss curve as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -200,12 +200,17 @@ class Trainer:
         return math.ceil(len(self.data) / world())
 
     def _build_optimization(self) -> None:
-        from transformers import get_cosine_schedule_with_warmup
+        from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
         params = [p for p in self.adapter.model.parameters() if p.requires_grad]
         opt = instantiate(self.t.optimizer)(params)  # _partial_: the params arrive here
         warmup = math.ceil(self.t.warmup_ratio * self.total_steps)
-        sched = get_cosine_schedule_with_warmup(opt, warmup, self.total_steps)
+        if self.t.schedule == "cosine":
+            sched = get_cosine_schedule_with_warmup(opt, warmup, self.total_steps)
+        elif self.t.schedule == "constant":
+            sched = get_constant_schedule_with_warmup(opt, warmup)
+        else:
+            raise ValueError(f"train.schedule must be 'cosine' or 'constant', got {self.t.schedule!r}")
         model = self.adapter.model
         if self.use_ds:
             import deepspeed
