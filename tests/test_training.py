@@ -19,7 +19,7 @@ from sam4mllm.codec import Point, TargetPrompt
 from sam4mllm.dialogs import ppg_dialog, pqpp_dialog, vqa_dialog
 from sam4mllm.models.adapter import IGNORE_INDEX, Adapter
 from sam4mllm.training.launch import env_tools_first, strip_local_rank
-from sam4mllm.training.trainer import apply_finetuning, train
+from sam4mllm.training.trainer import apply_finetuning, lr_schedule, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ["qwen2vl", "qwen2_5vl", "qwen3vl", "llava_next"]
@@ -156,13 +156,20 @@ def test_kill_and_resume_follows_the_uninterrupted_loss_curve(workspace, tmp_pat
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
-def test_lr_schedule_after_warmup(workspace, tmp_path, schedule):
-    lr, steps = 1e-3, 5
-    hist = train(_cfg(workspace, tmp_path / schedule, f"train.max_steps={steps}", f"train.optimizer.lr={lr}",
-                      "train.warmup_ratio=0.2", f"train.schedule={schedule}", "save_final=false"))
-    # The lr logged after step k is the one step k + 1 uses; the warm-up is one step.
-    want = [lr * (0.5 * (1 + np.cos(np.pi * k / (steps - 1))) if schedule == "cosine" else 1.0) for k in range(steps)]
-    assert [h["lr"] for h in hist] == pytest.approx(want, rel=1e-6, abs=1e-12)
+def test_lr_schedule_after_warmup(schedule):
+    lr, warmup, total = 1e-3, 2, 10
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = lr_schedule(opt, schedule, warmup, total)
+    got = []
+    for _ in range(total):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    decay = [0.5 * (1 + np.cos(np.pi * (k - warmup) / (total - warmup))) for k in range(warmup, total)]
+    want = [lr * k / warmup for k in range(warmup)] + [lr * (d if schedule == "cosine" else 1.0) for d in decay]
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-15)
+    with pytest.raises(ValueError, match=r"train\.schedule"):
+        lr_schedule(opt, "linear", warmup, total)
 
 
 def test_final_adapter_and_merge(workspace, tmp_path):

@@ -130,6 +130,18 @@ def apply_finetuning(adapter: Any, train_cfg: Any) -> dict[str, int]:
     return trainable_counts(model)
 
 
+def lr_schedule(opt: torch.optim.Optimizer, name: str, warmup: int, total: int) -> Any:
+    """Linear warm-up over ``warmup`` steps, then ``cosine`` decay to 0 at ``total`` (the
+    paper's) or a ``constant`` rate."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    if name == "cosine":
+        return get_cosine_schedule_with_warmup(opt, warmup, total)
+    if name == "constant":
+        return get_constant_schedule_with_warmup(opt, warmup)
+    raise ValueError(f"train.schedule must be 'cosine' or 'constant', got {name!r}")
+
+
 def trainable_counts(model: torch.nn.Module) -> dict[str, int]:
     """Trainable parameters grouped as ``lora``, ``projector`` (modules_to_save) or ``other``."""
     counts = {"lora": 0, "projector": 0, "other": 0}
@@ -200,17 +212,9 @@ class Trainer:
         return math.ceil(len(self.data) / world())
 
     def _build_optimization(self) -> None:
-        from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-
         params = [p for p in self.adapter.model.parameters() if p.requires_grad]
         opt = instantiate(self.t.optimizer)(params)  # _partial_: the params arrive here
-        warmup = math.ceil(self.t.warmup_ratio * self.total_steps)
-        if self.t.schedule == "cosine":
-            sched = get_cosine_schedule_with_warmup(opt, warmup, self.total_steps)
-        elif self.t.schedule == "constant":
-            sched = get_constant_schedule_with_warmup(opt, warmup)
-        else:
-            raise ValueError(f"train.schedule must be 'cosine' or 'constant', got {self.t.schedule!r}")
+        sched = lr_schedule(opt, self.t.schedule, math.ceil(self.t.warmup_ratio * self.total_steps), self.total_steps)
         model = self.adapter.model
         if self.use_ds:
             import deepspeed
