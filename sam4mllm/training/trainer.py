@@ -1,10 +1,10 @@
 """``train(cfg)``: LoRA (or, for tiny models, full) fine-tuning under DeepSpeed or plain PyTorch.
 
 What trains (paper §4.1): peft LoRA on the LLM's linear layers plus the vision
-projector/resampler in full; nothing else. Lion, cosine schedule with warm-up (the tiny
-demo model: constant), per-device micro-batch with gradient accumulation. Checkpoints
-hold the trainable weights, optimizer, scheduler, step, data position and RNG state, and
-a resumed run follows the same loss curve as an uninterrupted one.
+projector/resampler in full; nothing else. Lion, warm-up then a cosine (paper) or constant
+schedule, per-device micro-batch with gradient accumulation. Checkpoints hold the
+trainable weights, optimizer, scheduler, step, data position and RNG state, and a resumed
+run follows the same loss curve as an uninterrupted one.
 """
 
 from __future__ import annotations
