@@ -155,21 +155,28 @@ def test_kill_and_resume_follows_the_uninterrupted_loss_curve(workspace, tmp_pat
     assert full[-1]["loss"] < full[0]["loss"]
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+@pytest.mark.parametrize("schedule", ["cosine", "constant", "wsd"])
 def test_lr_schedule_after_warmup(schedule):
-    lr, warmup, total = 1e-3, 2, 10
+    lr, warmup, total, decay = 1e-3, 2, 10, 3
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    sched = lr_schedule(opt, schedule, warmup, total)
+    sched = lr_schedule(opt, schedule, warmup, total, decay)
     got = []
     for _ in range(total):
         got.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    decay = [0.5 * (1 + np.cos(np.pi * (k - warmup) / (total - warmup))) for k in range(warmup, total)]
-    want = [lr * k / warmup for k in range(warmup)] + [lr * (d if schedule == "cosine" else 1.0) for d in decay]
+
+    def cosine(k, start, steps):  # from 1 at ``start`` to 0 at ``start + steps``
+        return 0.5 * (1 + np.cos(np.pi * max(k - start, 0) / steps))
+
+    after = {"cosine": lambda k: cosine(k, warmup, total - warmup), "constant": lambda k: 1.0,
+             "wsd": lambda k: cosine(k, total - decay, decay)}[schedule]
+    want = [lr * k / warmup for k in range(warmup)] + [lr * after(k) for k in range(warmup, total)]
     assert got == pytest.approx(want, rel=1e-9, abs=1e-15)
     with pytest.raises(ValueError, match=r"train\.schedule"):
         lr_schedule(opt, "linear", warmup, total)
+    with pytest.raises(ValueError, match=r"train\.decay_ratio"):
+        lr_schedule(opt, "wsd", warmup, total, 0)
 
 
 def test_final_adapter_and_merge(workspace, tmp_path):

@@ -130,16 +130,22 @@ def apply_finetuning(adapter: Any, train_cfg: Any) -> dict[str, int]:
     return trainable_counts(model)
 
 
-def lr_schedule(opt: torch.optim.Optimizer, name: str, warmup: int, total: int) -> Any:
+def lr_schedule(opt: torch.optim.Optimizer, name: str, warmup: int, total: int, decay: int = 0) -> Any:
     """Linear warm-up over ``warmup`` steps, then ``cosine`` decay to 0 at ``total`` (the
-    paper's) or a ``constant`` rate."""
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+    paper's), a ``constant`` rate, or ``wsd``: constant, then cosine decay to 0 over the
+    last ``decay`` steps."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_wsd_schedule
 
     if name == "cosine":
         return get_cosine_schedule_with_warmup(opt, warmup, total)
     if name == "constant":
         return get_constant_schedule_with_warmup(opt, warmup)
-    raise ValueError(f"train.schedule must be 'cosine' or 'constant', got {name!r}")
+    if name == "wsd":
+        if not 0 < decay <= total - warmup:
+            raise ValueError(f"train.schedule 'wsd' needs 0 < decay steps <= {total - warmup} (train.decay_ratio), "
+                             f"got {decay}")
+        return get_wsd_schedule(opt, warmup, decay, total)
+    raise ValueError(f"train.schedule must be 'cosine', 'constant' or 'wsd', got {name!r}")
 
 
 def trainable_counts(model: torch.nn.Module) -> dict[str, int]:
@@ -214,7 +220,8 @@ class Trainer:
     def _build_optimization(self) -> None:
         params = [p for p in self.adapter.model.parameters() if p.requires_grad]
         opt = instantiate(self.t.optimizer)(params)  # _partial_: the params arrive here
-        sched = lr_schedule(opt, self.t.schedule, math.ceil(self.t.warmup_ratio * self.total_steps), self.total_steps)
+        sched = lr_schedule(opt, self.t.schedule, math.ceil(self.t.warmup_ratio * self.total_steps), self.total_steps,
+                            round(self.t.decay_ratio * self.total_steps))
         model = self.adapter.model
         if self.use_ds:
             import deepspeed
