@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,7 @@ def _workers(n: int) -> ProcessPoolExecutor | None:
                                initargs=(n,))
 
 
-def _sharded(stage: Callable[[Any], Any], config: str, overrides: list[str], pool: ProcessPoolExecutor | None,
+def _sharded(stage: Callable[[Any], Any], config: str, overrides: list[str], pool: Executor | None,
              shards: int) -> Any:
     """A resumable job (labels, evaluation) as ``shards`` shards run at once by ``pool``'s workers
     (one shard in this process without a pool).
@@ -100,7 +100,11 @@ def _sharded(stage: Callable[[Any], Any], config: str, overrides: list[str], poo
     def run(_: Any) -> Any:
         if pool is None:
             return stage(cfgs[0])
-        return next(r for r in pool.map(stage, cfgs) if r is not None)
+        jobs = [pool.submit(stage, c) for c in cfgs]
+        # Every shard must have stopped before a stale stage's folder is cleared and the
+        # stage redone: a shard still running would write into the new run's files.
+        wait(jobs)
+        return next(r for r in (j.result() for j in jobs) if r is not None)
 
     return _afresh_if_stale(run, cfgs[0])
 

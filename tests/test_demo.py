@@ -9,6 +9,8 @@ the accuracy targets.
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -109,6 +111,35 @@ def test_the_demo_seed_reaches_labels_training_and_evaluation(tmp_path, monkeypa
     for name, overrides in jobs:
         composed = demo.compose_config(name, overrides)
         assert (composed.train.seed if name == "train" else composed.seed) == 7, name
+
+
+def test_a_stale_sharded_stage_is_cleared_only_after_every_shard_stopped(tmp_path, monkeypatch):
+    """Shard 0 finds outputs from other inputs at once while shard 1 is still working: the
+    folder must not be cleared (and the stage redone) until shard 1 has stopped, or it
+    would write into the redone stage's files (seen as duplicate labels)."""
+    import sam4mllm.demo as demo
+
+    events, cleared = [], []
+    out = tmp_path / "job"
+    out.mkdir()
+
+    def stage(cfg):
+        if not cleared:  # the first attempt
+            if cfg.shard.index == 0:
+                raise FileExistsError("outputs from other inputs")
+            time.sleep(0.3)
+            events.append("shard 1 stopped")
+            return None
+        return "merged" if cfg.shard.index == 0 else None
+
+    def rmtree(path):
+        events.append("cleared")
+        cleared.append(path)
+
+    monkeypatch.setattr(demo.shutil, "rmtree", rmtree)
+    with ThreadPoolExecutor(2) as pool:
+        got = demo._sharded(stage, "gen_labels", ["+exp=pqpp", f"out_dir={out}"], pool, 2)
+    assert got == "merged" and events == ["shard 1 stopped", "cleared"]
 
 
 @pytest.mark.slow

@@ -176,7 +176,7 @@ def test_lr_schedule_after_warmup(schedule):
     with pytest.raises(ValueError, match=r"train\.schedule"):
         lr_schedule(opt, "linear", warmup, total)
     with pytest.raises(ValueError, match=r"train\.decay_ratio"):
-        lr_schedule(opt, "wsd", warmup, total, 0)
+        lr_schedule(opt, "wsd", warmup, total, total - warmup + 1)
 
 
 def test_final_adapter_and_merge(workspace, tmp_path):

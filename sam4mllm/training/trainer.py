@@ -141,8 +141,8 @@ def lr_schedule(opt: torch.optim.Optimizer, name: str, warmup: int, total: int, 
     if name == "constant":
         return get_constant_schedule_with_warmup(opt, warmup)
     if name == "wsd":
-        if not 0 < decay <= total - warmup:
-            raise ValueError(f"train.schedule 'wsd' needs 0 < decay steps <= {total - warmup} (train.decay_ratio), "
+        if not 0 <= decay <= total - warmup:
+            raise ValueError(f"train.schedule 'wsd' needs 0 <= decay steps <= {total - warmup} (train.decay_ratio), "
                              f"got {decay}")
         return get_wsd_schedule(opt, warmup, decay, total)
     raise ValueError(f"train.schedule must be 'cosine', 'constant' or 'wsd', got {name!r}")
@@ -220,8 +220,9 @@ class Trainer:
     def _build_optimization(self) -> None:
         params = [p for p in self.adapter.model.parameters() if p.requires_grad]
         opt = instantiate(self.t.optimizer)(params)  # _partial_: the params arrive here
-        sched = lr_schedule(opt, self.t.schedule, math.ceil(self.t.warmup_ratio * self.total_steps), self.total_steps,
-                            round(self.t.decay_ratio * self.total_steps))
+        warmup = math.ceil(self.t.warmup_ratio * self.total_steps)
+        sched = lr_schedule(opt, self.t.schedule, warmup, self.total_steps,
+                            min(round(self.t.decay_ratio * self.total_steps), self.total_steps - warmup))
         model = self.adapter.model
         if self.use_ds:
             import deepspeed
