@@ -120,8 +120,6 @@ def test_a_stale_sharded_stage_is_cleared_only_after_every_shard_stopped(tmp_pat
     import sam4mllm.demo as demo
 
     events, cleared = [], []
-    out = tmp_path / "job"
-    out.mkdir()
 
     def stage(cfg):
         if not cleared:  # the first attempt
@@ -138,7 +136,7 @@ def test_a_stale_sharded_stage_is_cleared_only_after_every_shard_stopped(tmp_pat
 
     monkeypatch.setattr(demo.shutil, "rmtree", rmtree)
     with ThreadPoolExecutor(2) as pool:
-        got = demo._sharded(stage, "gen_labels", ["+exp=pqpp", f"out_dir={out}"], pool, 2)
+        got = demo._sharded(stage, "gen_labels", ["+exp=pqpp", f"out_dir={tmp_path}"], pool, 2)
     assert got == "merged" and events == ["shard 1 stopped", "cleared"]
 
 
