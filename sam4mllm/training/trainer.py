@@ -1,10 +1,10 @@
 """``train(cfg)``: LoRA (or, for tiny models, full) fine-tuning under DeepSpeed or plain PyTorch.
 
 What trains (paper §4.1): peft LoRA on the LLM's linear layers plus the vision
-projector/resampler in full; nothing else. Lion, warm-up then a cosine (paper) or constant
-schedule, per-device micro-batch with gradient accumulation. Checkpoints hold the
-trainable weights, optimizer, scheduler, step, data position and RNG state, and a resumed
-run follows the same loss curve as an uninterrupted one.
+projector/resampler in full; nothing else. Lion, warm-up then a cosine (paper), constant
+or warmup-stable-decay schedule, per-device micro-batch with gradient accumulation.
+Checkpoints hold the trainable weights, optimizer, scheduler, step, data position and RNG
+state, and a resumed run follows the same loss curve as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -220,9 +220,9 @@ class Trainer:
     def _build_optimization(self) -> None:
         params = [p for p in self.adapter.model.parameters() if p.requires_grad]
         opt = instantiate(self.t.optimizer)(params)  # _partial_: the params arrive here
-        warmup = math.ceil(self.t.warmup_ratio * self.total_steps)
-        sched = lr_schedule(opt, self.t.schedule, warmup, self.total_steps,
-                            min(round(self.t.decay_ratio * self.total_steps), self.total_steps - warmup))
+        steps = self.total_steps
+        sched = lr_schedule(opt, self.t.schedule, math.ceil(self.t.warmup_ratio * steps), steps,
+                            round(self.t.decay_ratio * steps))
         model = self.adapter.model
         if self.use_ds:
             import deepspeed
