@@ -144,9 +144,9 @@ def _launch_training(cfg: Any, variant: str, common: list[str], labels: list[Pat
     return run_dir
 
 
-def score_on_val(dataset_cfg: Any, predict: Callable[[Any], SegmentResult]) -> dict[str, Any]:
-    """cIoU, gIoU, N-acc, ... of a predictor that needs no MLLM on a dataset's val split."""
-    ds = build_dataset(dataset_cfg, "val")
+def score_baseline(dataset_cfg: Any, predict: Callable[[Any], SegmentResult]) -> dict[str, Any]:
+    """cIoU, gIoU, N-acc, ... of a predictor that needs no MLLM on a dataset config's split (val by default)."""
+    ds = build_dataset(dataset_cfg)
     meter = SegmentationMeter()
     for s in ds:
         r = predict(s)
@@ -253,7 +253,7 @@ def run_demo(cfg: Any) -> list[list[Any]]:
         evaluated = [*common, f"seed={cfg.seed}"]
         eval_cfg = compose_config("eval", [*evaluated, *cfg.eval_overrides])  # what every evaluation shares
         segmenter = instantiate(eval_cfg.sam)
-        rows = [_row(name, *(score_on_val(d, predict) for d in datasets))
+        rows = [_row(name, *(score_baseline(d, predict) for d in datasets))
                 for name, predict in baselines(segmenter, cfg.seed).items()]
         learned = {variant: [_sharded(evaluate, "eval", [
             *evaluated, f"dataset={view}", f"variant={variant}", f"checkpoint={runs[variant] / 'final'}",
