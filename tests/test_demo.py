@@ -5,7 +5,7 @@ training through the deepspeed launcher on 2 CPU ranks, evaluation, the table) o
 smaller benchmark and a short training, so it checks the plumbing and determinism, not
 the accuracy targets. Whether training teaches the model anything is checked by the
 learning test (held-out val, `make test-learning`) and, in CI, by its reduced version
-(fitting 16 training images).
+(fitting 8 training images).
 """
 
 from __future__ import annotations
@@ -182,19 +182,19 @@ def _train_and_score_pqpp(tmp_path, images: str, n_points: int, train: list[str]
 
 @pytest.mark.slow
 def test_tiny_pqpp_fits_its_training_images_through_the_whole_pipeline(tmp_path):
-    """CI's reduced learning test: 150 steps on 16 images, scored on those same images.
+    """CI's reduced learning test: 100 steps on 8 images, scored on those same images.
 
     Fitting them is not generalising (the learning test below, not in CI, scores held-out
     val), but it fails when anything between the labels and the masks loses what was
     learned: the label coordinates, the dialogs and their loss mask, the trainer, the
-    checkpoint, the parser, the coordinate conversion or the segmenter. About a minute.
+    checkpoint, the parser, the coordinate conversion or the segmenter. About 50 s.
     """
     learned, box_only, trivial = _train_and_score_pqpp(
-        tmp_path, "{train:16,val:1,testA:1,testB:1}", 2, ["train.max_steps=150", "train.micro_batch_size=8"], [],
+        tmp_path, "{train:8,val:1,testA:1,testB:1}", 2, ["train.max_steps=100", "train.micro_batch_size=8"], [],
         "train")
-    # measured: boxes alone 1.000; PQPP 0.837 (a box's grid answered alike, 1,125 of 1,200 "Yes"); centre box 0.729
+    # measured: boxes alone 1.000 (0.937 after 50 steps); PQPP 0.872 ("Yes" to all 600 grid points); centre box 0.671
     assert box_only >= 0.95
-    assert learned >= max(trivial.values()) + 0.08
+    assert learned >= max(trivial.values()) + 0.15
 
 
 @pytest.mark.slow
