@@ -169,8 +169,8 @@ def _train_and_score_pqpp(tmp_path, images: str, n_points: int, train: list[str]
         # RES only: no-target sentences slow localising down (docs/cpu_demo_history.md).
         "data.sources.grefcoco.ratio=0", "data.sources.vqav2.ratio=0"]))
     cfg = compose_config("eval", [*paths, *model, "variant=pqpp", f"checkpoint={run / 'final'}",
-                                  f"dataset.split={split}", f"out_dir={tmp_path / 'eval'}", "progress=false",
-                                  *evaluation])
+                                  f"dataset.split={split}", f"out_dir={tmp_path / 'eval'}", "eval.overlays=0",
+                                  "progress=false", *evaluation])
     learned = evaluate(cfg)["cIoU"]
     segmenter = instantiate(cfg.sam)
     box_only = from_pqpp_boxes(tmp_path / "eval", tmp_path / "box_only", cfg.dataset, segmenter, 0)["cIoU"]
