@@ -1,5 +1,6 @@
-"""The tiny-model builder's init options reach the weights."""
+"""The tiny-model builder's init and image-size options reach the weights and the processor."""
 
+import numpy as np
 import pytest
 from transformers import AutoModelForImageTextToText
 
@@ -21,3 +22,16 @@ def test_init_std_and_vision_pos_std(tmp_path):
 def test_vision_pos_std_needs_a_position_table():
     with pytest.raises(ValueError, match="no learned position table"):
         TinySpec(family="qwen2vl", vision_pos_std=1.0)
+
+
+def test_min_image_pixels_upscales_a_small_image_to_a_finer_token_grid(tmp_path):
+    from transformers import AutoProcessor
+
+    image = np.zeros((100, 100, 3), np.uint8)
+    grids = {}
+    for name, spec in {"default": TinySpec(family="qwen3vl", image_pixels=128 * 128),
+                       "finer": TinySpec(family="qwen3vl", image_pixels=192 * 192, min_image_pixels=192 * 192)}.items():
+        ip = AutoProcessor.from_pretrained(build_tiny(spec, tmp_path / name)).image_processor
+        grids[name] = ip(images=[image], return_tensors="pt")["image_grid_thw"][0].tolist()
+    # 16-px patches, merged 2x2 into one LLM token: 96 px -> 3x3 tokens, 192 px -> 6x6
+    assert grids == {"default": [1, 6, 6], "finer": [1, 12, 12]}

@@ -65,6 +65,9 @@ class TinySpec:
     vision_embed: int = 32
     vision_heads: int = 2
     image_pixels: int = 112 * 112  # max_pixels of the image processor
+    # min_pixels (None: two patches square): a smaller image is upscaled to it, so more
+    # pixels give a small image a finer token grid (a 100-px image: 3x3 Qwen3-VL tokens).
+    min_image_pixels: int | None = None
     # A tiny image is a 4x4 grid of tokens; with the usual theta the low rotary frequencies
     # that multimodal RoPE gives the height/width axes barely turn over 4 positions, and
     # Qwen2-VL's ViT has no absolute position embedding, so the LLM could not tell where
@@ -207,7 +210,7 @@ def _processor(spec: TinySpec, tok: Any) -> Any:
     )
 
     patch = 16 if spec.family == "qwen3vl" else 14
-    size = {"shortest_edge": (2 * patch) ** 2, "longest_edge": spec.image_pixels}
+    size = {"shortest_edge": spec.min_image_pixels or (2 * patch) ** 2, "longest_edge": spec.image_pixels}
     ip = Qwen2VLImageProcessor(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2)
     if spec.family == "qwen3vl":
         return Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen3VLVideoProcessor(),
