@@ -40,14 +40,13 @@ from sam4mllm.dialogs import Dialog, box_question, point_question, pqpp_dialog
 from sam4mllm.inference import PQPPConfig, Sam4MLLM, sample_points
 from sam4mllm.labels import pixels_in_box, pqpp_label
 from sam4mllm.models import build_adapter
-from sam4mllm.models.adapter import Adapter, Encoded
+from sam4mllm.models.adapter import IGNORE_INDEX, Adapter, Encoded
 from sam4mllm.sam.grabcut import GrabCutSegmenter
 
 # Qwen3-VL's patch is 16 px: a 128-px input gives the same 4x4 token grid as Qwen2-VL's 112 px
 # (a 100-px image gives Qwen3-VL 3x3 tokens).
 PIXELS = {"qwen2vl": 112 * 112, "qwen3vl": 128 * 128}
 TOKEN_PX = {"qwen2vl": 28, "qwen3vl": 32}  # patch x spatial merge: the pixels one LLM image token covers
-IGNORE_INDEX = -100
 
 
 def val_box_iou(predictor: Sam4MLLM, samples: list) -> float:
@@ -124,7 +123,7 @@ def probe(family: str, root: Path, tmp: Path, steps: int, every: int, init: dict
                             tiny={"hidden_size": 128, "intermediate_size": 256, "num_layers": 4,
                                   "vision_embed": 64, "rope_theta": 10.0,
                                   "image_pixels": max(PIXELS[family], (side or 0) ** 2),
-                                  "min_image_pixels": side and side * side, **init})
+                                  "min_image_pixels": side * side if side else None, **init})
     split = {s: ReferDataset(root / "refer_seg", "refcoco", s, root / "coco/train2014") for s in ("train", "val")}
     train = [split["train"].load(r) for r in split["train"].records]
     val = [split["val"].load(r) for r in split["val"].records][:60]
