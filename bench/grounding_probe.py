@@ -2,7 +2,7 @@
 
     python bench/grounding_probe.py [--families qwen2vl qwen3vl] [--objects 1 1] [--steps 1300]
                                     [--init-std 0.02] [--pos-std STD] [--model-seed 0] [--size 112]
-                                    [--radius 0.09 0.15] [--task box|points] [--tokens N]
+                                    [--radius 0.09 0.15] [--task box|points] [--tokens N] [--branches K]
 
 PQPP round-1 (box-only) dialogs built straight from the synthetic GT boxes (no segmenter), full
 fine-tune with AdamW, batch 16, greedy decoding on 60 val sentences. It isolates the
@@ -17,8 +17,9 @@ point in it (labelled by the GT mask), with the loss on that Yes/No alone; it re
 val within-box AUC over the predictor's 5x5 grid in the GT box (pairs of an inside and an
 outside point of the same box; 0.5 is not reading the point), next to the loss a model
 reaches that knows each box's fill ratio but not where the point is.
-``--tokens N`` upscales the images to N x N image tokens (a 100-px image: 3 x 3 for
-Qwen3-VL).
+``--branches K`` asks about K fresh points per dialog, each trained as if asked alone
+(``Adapter.encode_branched``). ``--tokens N`` upscales the images to N x N image tokens
+(a 100-px image: 3 x 3 for Qwen3-VL).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from sam4mllm.codec import Point
 from sam4mllm.data.base import Sample
 from sam4mllm.data.refer import ReferDataset
 from sam4mllm.data.synthetic import SyntheticConfig, generate_synthetic
-from sam4mllm.dialogs import Dialog, box_question, point_question, pqpp_dialog
+from sam4mllm.dialogs import Dialog, box_question, point_question, point_turns
 from sam4mllm.inference import PQPPConfig, Sam4MLLM, sample_points
 from sam4mllm.labels import pixels_in_box, pqpp_label
 from sam4mllm.models import build_adapter
@@ -68,11 +69,12 @@ def _box_dialog(adapter: Adapter, s: Sample) -> Dialog:
         adapter.to_model_targets([{"box": s.boxes[0]}], s.size)))])
 
 
-def _point_example(adapter: Adapter, s: Sample, rng: np.random.Generator) -> Encoded:
-    """Round 1 answered with the GT box, then one fresh point of it; the loss on the Yes/No only."""
-    label = pqpp_label(s.masks[0], s.boxes[0], rng, n_points=1)
-    e = adapter.encode(pqpp_dialog(s.expression, adapter.to_model_targets([label], s.size), "res", adapter.fmt),
-                       s.image)
+def _point_example(adapter: Adapter, s: Sample, rng: np.random.Generator, n: int = 1) -> Encoded:
+    """Round 1 answered with the GT box, then ``n`` fresh points of it, each asked as its own
+    branch (``Adapter.encode_branched``); the loss on the Yes/No answers only."""
+    label = pqpp_label(s.masks[0], s.boxes[0], rng, n_points=n)
+    e = adapter.encode_branched(_box_dialog(adapter, s), point_turns(adapter.to_model_targets([label], s.size),
+                                                                     adapter.fmt), s.image)
     e.labels[(e.labels != adapter.yes_id) & (e.labels != adapter.no_id)] = IGNORE_INDEX
     return e
 
@@ -114,7 +116,7 @@ def fill_entropy(samples: list) -> float:
 
 
 def probe(family: str, root: Path, tmp: Path, steps: int, every: int, init: dict[str, float | None],
-          task: str = "box", tokens: int | None = None) -> list[tuple[int, float, float]]:
+          task: str = "box", tokens: int | None = None, branches: int = 1) -> list[tuple[int, float, float]]:
     """``(step, mean train loss since last report, val box IoU or within-box point AUC)`` rows
     for one family; ``init`` holds the tiny builder's ``init_std``, ``vision_pos_std`` and ``seed``."""
     torch.manual_seed(0)
@@ -140,7 +142,7 @@ def probe(family: str, root: Path, tmp: Path, steps: int, every: int, init: dict
     for step in range(1, steps + 1):
         picked = rng.choice(len(train), 16, replace=False)
         batch = adapter.collate([encoded[i] for i in picked] if task == "box" else
-                                [_point_example(adapter, train[i], rng) for i in picked])
+                                [_point_example(adapter, train[i], rng, branches) for i in picked])
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -178,6 +180,7 @@ def main() -> None:
     ap.add_argument("--task", choices=["box", "points"], default="box",
                     help="box: localise (round 1); points: tell inside from outside (round 2, GT box given)")
     ap.add_argument("--tokens", type=int, default=None, help="upscale images to N x N LLM image tokens")
+    ap.add_argument("--branches", type=int, default=1, help="--task points: fresh points per training dialog")
     args = ap.parse_args()
     init = {"init_std": args.init_std, "vision_pos_std": args.pos_std, "seed": args.model_seed}
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,7 +189,7 @@ def main() -> None:
                                                  width=args.size, height=args.size,
                                                  radius={"small": args.radius[0], "big": args.radius[1]},
                                                  images={"train": args.images, "val": 20}, reason_images={}))
-        results = {f: probe(f, root, Path(tmp), args.steps, args.every, init, args.task, args.tokens)
+        results = {f: probe(f, root, Path(tmp), args.steps, args.every, init, args.task, args.tokens, args.branches)
                    for f in args.families}
     score = "val box IoU" if args.task == "box" else "val within-box point AUC"
     print(f"\n| {args.objects[0]}-{args.objects[1]} objects per image, {score} | "

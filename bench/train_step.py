@@ -3,8 +3,9 @@
     python bench/train_step.py            # tiny Qwen2-VL on the CPU (LoRA r=256 and full fine-tune)
     python bench/train_step.py --gpu      # + one LoRA r=256 step of a random-init 7B Qwen2-VL (CUDA only)
 
-CPU: tokens/s of optimizer steps of the tiny model on PQPP dialogs of the synthetic
-benchmark (plain PyTorch, one process). GPU: batch 2 x length 2048, ZeRO-2, bf16, peak
+CPU: tokens/s and s/step of optimizer steps of the tiny model on PQPP dialogs of the
+synthetic benchmark (plain PyTorch, one process), the points round as one dialog and as
+branches (``pqpp_mode=branch``: the same examples in fewer tokens). GPU: batch 2 x length 2048, ZeRO-2, bf16, peak
 memory; random weights, since no checkpoint can be downloaded here.
 """
 
@@ -32,20 +33,24 @@ def cpu_tiny(steps: int = 8) -> None:
         d = Path(tmp)
         generate_synthetic(d / "data/synthetic", SyntheticConfig(images={"train": 40}, reason_images={}))
         base = [f"paths.data_dir={d / 'data'}", f"paths.output_dir={d / 'out'}"]
-        print("| tiny Qwen2-VL, CPU | micro-batch x accum | steps | tokens/s | peak RSS (MB) |")
-        print("|---|---|---|---|---|")
+        print("| tiny Qwen2-VL, CPU | PQPP points round | micro-batch x accum | steps | tokens/s | s/step | "
+              "peak RSS (MB) |")
+        print("|---|---|---|---|---|---|---|")
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             for ds in ("synthetic", "synthetic_gres"):
                 generate_labels(compose(config_name="gen_labels", overrides=[
                     *base, "+exp=pqpp", f"dataset={ds}", "progress=false"]))
-            for mode in ("lora", "full"):
+            # the same examples (10 points per box) every row: branches train them in fewer tokens
+            for mode, points in (("lora", "per_point"), ("full", "per_point"), ("full", "branch")):
                 cfg = compose(config_name="train", overrides=[
-                    *base, "+exp=pqpp", "deepspeed=none", f"run_dir={d / mode}", "progress=false", "save_final=false",
-                    f"train.finetune={mode}", "train.micro_batch_size=4", "train.grad_accum=2",
-                    f"train.max_steps={steps}", "train.save_every=0"])
+                    *base, "+exp=pqpp", "deepspeed=none", f"run_dir={d / mode / points}", "progress=false",
+                    "save_final=false", f"train.finetune={mode}", f"pqpp_mode={points}", "train.micro_batch_size=4",
+                    "train.grad_accum=2", f"train.max_steps={steps}", "train.save_every=0"])
                 hist = train(cfg)[1:]  # the first step includes warm-up work
                 tok_s = sum(h["tokens_per_s"] for h in hist) / len(hist)
-                print(f"| {mode} | 4 x 2 | {len(hist)} | {tok_s:,.0f} | {hist[-1]['peak_mem_mb']:,.0f} |")
+                step_s = sum(h["step_s"] for h in hist) / len(hist)
+                print(f"| {mode} | {points} | 4 x 2 | {len(hist)} | {tok_s:,.0f} | {step_s:.3f} | "
+                      f"{hist[-1]['peak_mem_mb']:,.0f} |")
 
 
 def gpu_7b_lora_step(seq_len: int = 2048, batch: int = 2) -> dict[str, float]:

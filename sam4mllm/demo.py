@@ -251,6 +251,7 @@ def run_demo(cfg: Any) -> list[list[Any]]:
         print("== 4. evaluation on synthetic val", flush=True)
         datasets = [compose_config("eval", [*common, f"dataset={view}"]).dataset for view in VIEWS.values()]
         evaluated = [*common, f"seed={cfg.seed}"]
+        asked = "joint" if cfg.pqpp_mode == "joint" else "per_point"  # branch-trained points are asked one by one
         eval_cfg = compose_config("eval", [*evaluated, *cfg.eval_overrides])  # what every evaluation shares
         segmenter = instantiate(eval_cfg.sam)
         rows = [_row(name, *(score_baseline(d, predict) for d in datasets))
@@ -258,7 +259,7 @@ def run_demo(cfg: Any) -> list[list[Any]]:
         learned = {variant: [_sharded(evaluate, "eval", [
             *evaluated, f"dataset={view}", f"variant={variant}", f"checkpoint={runs[variant] / 'final'}",
             f"out_dir={out / 'eval' / variant / view}", f"eval.overlays={cfg.overlays}",
-            f"eval.pqpp.mode={cfg.pqpp_mode}", *cfg.eval_overrides], pool, cfg.ranks) for view in VIEWS.values()]
+            f"eval.pqpp.mode={asked}", *cfg.eval_overrides], pool, cfg.ranks) for view in VIEWS.values()]
             for variant in ("ppg", "pqpp")}
     grid = PQPPConfig(**OmegaConf.to_container(eval_cfg.eval.pqpp, resolve=True))  # the points PQPP asked about
     derived = {name: [from_pqpp_boxes(out / "eval" / "pqpp" / view, out / "eval" / folder / view, d, segmenter,

@@ -29,7 +29,10 @@ POINT_PROMPT = "Is this point located on the object with coordinates {box}? {poi
 JOINT_PROMPT = "Check if the points listed below are located on the object with coordinates {box}:\n{points}"
 VQA_PROMPT = "{question}\nAnswer the question using a single word or phrase."
 YES, NO = "Yes", "No"
-PQPP_MODES = ("per_point", "joint")
+# per_point: one dialog, every point a turn after the box (paper); joint: one turn lists all of a
+# box's points (official code); branch: per_point's turns, each trained as if asked alone (see
+# ``Adapter.encode_branched``).
+PQPP_MODES = ("per_point", "joint", "branch")
 
 
 @dataclass
@@ -79,19 +82,24 @@ def yes_no(inside: bool) -> str:
     return YES if inside else NO
 
 
+def point_turns(targets: Sequence[TargetPrompt], fmt: PromptFormat) -> list[list[tuple[str, str]]]:
+    """PQPP round 2 per point: the ``(question, answer)`` turns of each target's points."""
+    return [[(point_question(fmt, t.box, p), yes_no(p.inside)) for p in t.points] for t in targets]
+
+
 def pqpp_dialog(
     expression: str, targets: Sequence[TargetPrompt], task: str, fmt: PromptFormat, mode: str = "per_point"
 ) -> Dialog:
-    """Round 1 (boxes) then round 2 (points of each box), per point or jointly."""
+    """Round 1 (boxes) then round 2 (points of each box), per point or jointly (``branch``: per point)."""
     if mode not in PQPP_MODES:
         raise ValueError(f"unknown PQPP dialog mode {mode!r}: use one of {PQPP_MODES}")
     boxes_only = [TargetPrompt(t.box) for t in targets]
     turns = [(box_question(expression, task), fmt.encode(boxes_only))]
-    for t in targets:
-        if mode == "joint":
-            turns.append((joint_question(fmt, t.box, t.points), "".join(yes_no(p.inside) for p in t.points)))
-        else:
-            turns += [(point_question(fmt, t.box, p), yes_no(p.inside)) for p in t.points]
+    if mode == "joint":
+        turns += [(joint_question(fmt, t.box, t.points), "".join(yes_no(p.inside) for p in t.points))
+                  for t in targets]
+    else:
+        turns += [turn for group in point_turns(targets, fmt) for turn in group]
     return Dialog(turns)
 
 

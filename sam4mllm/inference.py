@@ -29,7 +29,7 @@ import torch
 
 from sam4mllm.codec import ParseResult, Point
 from sam4mllm.dialogs import Dialog, box_question, joint_question, point_question, ppg_dialog
-from sam4mllm.models.adapter import Adapter
+from sam4mllm.models.adapter import Adapter, branch_visibility
 from sam4mllm.sam.base import Segmenter
 
 VARIANTS = ("ppg", "pqpp", "box_only")
@@ -150,7 +150,6 @@ class Sam4MLLM:
         self.pqpp = pqpp or PQPPConfig()
         self.max_new_tokens, self.min_new_tokens, self.seed = max_new_tokens, min_new_tokens, seed
         self.model = adapter.model.eval()
-        self._glue_cache: tuple[str, str, str] | None = None
         self._glue_ids: tuple[list[int], list[int]] | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -193,23 +192,10 @@ class Sam4MLLM:
     def _rope_deltas(self) -> torch.Tensor | None:
         return getattr(getattr(self.model, "model", None), "rope_deltas", None)
 
-    def _glue(self) -> tuple[str, str, str]:
-        """Template text ``(after an answer, before a question, after a question)``, found once."""
-        if self._glue_cache is None:
-            u, ans, q = "\x00U\x00", "\x00A\x00", "\x00Q\x00"
-            head = self.adapter.render(Dialog([(u, ans)]))
-            full = self.adapter.render(Dialog([(u, ans), (q, "")]), with_last_answer=False)
-            if not full.startswith(head):
-                raise RuntimeError("the chat template does not extend a dialog turn by turn")
-            tail = full[len(head):]
-            self._glue_cache = (head[head.index(ans) + len(ans):], tail[: tail.index(q)],
-                                tail[tail.index(q) + len(q):])
-        return self._glue_cache
-
     @torch.inference_mode()
     def prefix_from_dialog(self, dialog: Dialog, image: np.ndarray, with_cache: bool = True) -> Prefix:
         """The prefix of a dialog whose turns are all answered, ending right after the last answer's text."""
-        after, _, _ = self._glue()
+        after, _, _ = self.adapter.turn_glue()
         inputs = self._encode(dialog, image, open_last=False)
         ids = inputs["input_ids"][0].tolist()
         glue = self.adapter.tokenizer.encode(after, add_special_tokens=False)
@@ -235,7 +221,7 @@ class Sam4MLLM:
         ``split=False`` (the reference) tokenises every question's whole text.
         """
         tok = self.adapter.tokenizer
-        after, pre_q, post_q = self._glue()
+        after, pre_q, post_q = self.adapter.turn_glue()
         if self._glue_ids is None:
             self._glue_ids = (tok.encode(after + pre_q, add_special_tokens=False),
                               tok.encode(post_q, add_special_tokens=False))
@@ -293,14 +279,11 @@ class Sam4MLLM:
         n_s, lens = len(shared), torch.tensor([len(c) for c in conts])
         ends = n_s + lens.cumsum(0)
         owner = torch.cat([torch.full((n_s,), -1), torch.repeat_interleave(torch.arange(len(conts)), lens)])
-        rel = torch.arange(len(owner))
-        rel[n_s:] -= (ends - lens - n_s).repeat_interleave(lens)  # each question restarts after the shared text
-        causal = torch.arange(len(owner))[None, :] <= torch.arange(len(owner))[:, None]
-        sees = causal & ((owner[None, :] == -1) | (owner[None, :] == owner[:, None]))
+        sees = branch_visibility(owner.clamp(max=0), owner)
         dtype = next(self.model.parameters()).dtype
         mask = torch.zeros(1, 1, len(owner), cached + len(owner), dtype=dtype)
         mask[..., cached:].masked_fill_(~sees, torch.finfo(dtype).min)
-        pos = (cached + rel)[None]
+        pos = (cached + sees.sum(-1) - 1)[None]  # each question restarts after the shared text
         if prefix.rope_deltas is not None:  # Qwen-VL's 3-D rotary positions: text after the image is offset
             pos = (pos + prefix.rope_deltas.cpu()[:1]).unsqueeze(0).expand(3, -1, -1)
         dev = self._device

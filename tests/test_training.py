@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 
 from sam4mllm.codec import Point, TargetPrompt
-from sam4mllm.dialogs import ppg_dialog, pqpp_dialog, vqa_dialog
+from sam4mllm.dialogs import Dialog, point_turns, ppg_dialog, pqpp_dialog, vqa_dialog
 from sam4mllm.models.adapter import IGNORE_INDEX, Adapter
 from sam4mllm.training.launch import env_tools_first, strip_local_rank
 from sam4mllm.training.trainer import apply_finetuning, lr_schedule, train
@@ -68,6 +68,72 @@ def test_truncation_drops_whole_turns_and_counts_them(workspace):
 
     with pytest.raises(SampleTooLongError):
         a.encode(d, IMAGE)
+
+
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every supervised token (the model's own next-token shift)."""
+    keep = labels[1:] != IGNORE_INDEX
+    return torch.nn.functional.cross_entropy(logits[:-1][keep], labels[1:][keep], reduction="none")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_branched_questions_train_exactly_as_if_each_were_asked_alone(workspace, family):
+    a = _adapter(workspace, family)
+    other = TargetPrompt((500, 40, 900, 300), (Point(600, 100, True), Point(880, 290, False)))
+    targets = [TARGET, other]
+    first = Dialog(pqpp_dialog("the red circle", targets, "gres", a.fmt).turns[:1])
+    groups = point_turns(targets, a.fmt)
+    branched, plain = a.encode_branched(first, groups, IMAGE), a.encode(first, IMAGE)
+    alone = [a.encode(Dialog([*first.turns, turn]), IMAGE) for group in groups for turn in group]
+    assert branched.dropped_turns == 0
+    assert branched.length < plain.length + sum(e.length - plain.length for e in alone)  # shared text once
+    a.model.eval()
+    with torch.no_grad():
+        batch = a.collate([plain, branched])  # padded next to a plain dialog: both must be unaffected
+        assert batch["attention_mask"].dim() == 4
+        logits = a.model(**batch).logits
+        got = _token_losses(logits[1, :branched.length], branched.labels[0])
+        refs = [_token_losses(a.model(**a.collate([e])).logits[0], e.labels[0]) for e in alone]
+        plain_ref = a.model(**a.collate([plain])).logits[0]
+    np.testing.assert_allclose(logits[0, :plain.length], plain_ref, atol=1e-4)
+    # the box answer once, then each question's answer and turn end, as scored alone
+    want = torch.cat([refs[0][:-2], *(r[-2:] for r in refs)])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert len(got) == int((plain.labels != IGNORE_INDEX).sum()) + 2 * len(alone)
+    with torch.no_grad():
+        loss = a.model(**a.collate([branched])).loss  # the trainer's loss: the mean over those tokens
+    np.testing.assert_allclose(float(loss), float(want.mean()), rtol=1e-4)
+
+
+def test_branched_truncation_drops_whole_trailing_branches(workspace):
+    a = _adapter(workspace, "qwen2vl")
+    first = Dialog(pqpp_dialog("the red circle", [TARGET], "res", a.fmt).turns[:1])
+    groups = point_turns([TARGET], a.fmt)
+    full = a.encode_branched(first, groups, IMAGE)
+    a.max_length = full.length - 1
+    cut = a.encode_branched(first, groups, IMAGE)
+    assert cut.dropped_turns == 1 and cut.length < full.length
+    assert torch.equal(cut.inputs["input_ids"], full.inputs["input_ids"][:, :cut.length])
+    assert set(cut.tree[1].tolist()) == {-1, 0, 1}
+    a.max_length = 10
+    from sam4mllm.models.adapter import SampleTooLongError
+
+    with pytest.raises(SampleTooLongError):
+        a.encode_branched(first, groups, IMAGE)
+
+
+def test_branch_mode_trains_every_labelled_point_as_its_own_branch(workspace):
+    from sam4mllm.training.data import MixtureDataset, label_examples
+
+    cfg = workspace("train", "model=tiny_qwen2vl", "+exp=pqpp")
+    examples = label_examples(cfg.data.sources.refcoco.path, "pqpp")
+    data = MixtureDataset({"l": (examples, 1.0)}, instantiate(cfg.model), "pqpp", "branch")
+    n_points = {(str(ex.image_path), ex.expression): sum(len(t["points"]) for t in ex.targets) for ex in examples}
+    for i in range(6):
+        ex = examples[data.items[i][1]]
+        enc = data[i]
+        branches = {tuple(b) for b in enc.tree.T.tolist() if b[1] >= 0}
+        assert len(branches) == n_points[(str(ex.image_path), ex.expression)] > 1
 
 
 def test_dialog_shapes():

@@ -9,6 +9,7 @@ full. Adding a family is one :class:`FamilySpec` entry and one ``model/`` config
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,10 +68,21 @@ class Encoded:
     inputs: dict[str, torch.Tensor]
     labels: torch.Tensor
     dropped_turns: int = 0
+    tree: torch.Tensor | None = None  # (2, L): each token's (group, branch), -1 where shared (encode_branched)
 
     @property
     def length(self) -> int:
         return int(self.labels.shape[-1])
+
+
+def branch_visibility(group: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``sees[i, j]`` for tokens packed as a tree: ``j <= i`` and ``j`` is shared by all (group -1),
+    by ``i``'s group (branch -1), or in ``i``'s own branch. A token's position, as if its branch
+    had been asked alone, is the number of tokens it sees, minus one."""
+    n = group.shape[-1]
+    gi, gj, bi, bj = group[..., :, None], group[..., None, :], branch[..., :, None], branch[..., None, :]
+    causal = torch.ones(n, n, dtype=torch.bool, device=group.device).tril()
+    return causal & ((gj == -1) | ((gj == gi) & ((bj == -1) | (bj == bi))))
 
 
 class Adapter:
@@ -108,6 +120,7 @@ class Adapter:
         self.end_id = self._single_token(self.spec.turn_end)
         self.header_ids = self.tokenizer.encode(self.spec.assistant_header, add_special_tokens=False)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
+        self._glue: tuple[str, str, str] | None = None
 
     # ----------------------------------------------------------------- loading
     def _load(self, dtype: str, device: str, trust_remote_code: bool, attn: str | None) -> tuple[Any, Any]:
@@ -187,19 +200,105 @@ class Adapter:
                 return Encoded(inputs, labels[None], dropped_turns=len(turns) - keep)
         raise SampleTooLongError(f"the first turn alone is {len(ids)} tokens > max_length {self.max_length}")
 
-    def collate(self, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
-        """Right-pad a batch; image tensors are concatenated as the processor lays them out."""
-        n = max(e.length for e in batch)
+    def turn_glue(self) -> tuple[str, str, str]:
+        """Template text ``(after an answer, before a question, after a question)``, found once."""
+        if self._glue is None:
+            u, ans, q = "\x00U\x00", "\x00A\x00", "\x00Q\x00"
+            head = self.render(Dialog([(u, ans)]))
+            full = self.render(Dialog([(u, ans), (q, "")]), with_last_answer=False)
+            if not full.startswith(head):
+                raise RuntimeError("the chat template does not extend a dialog turn by turn")
+            tail = full[len(head):]
+            self._glue = (head[head.index(ans) + len(ans):], tail[: tail.index(q)], tail[tail.index(q) + len(q):])
+        return self._glue
+
+    def encode_branched(self, first: Dialog, groups: Sequence[Sequence[tuple[str, str]]],
+                        image: np.ndarray) -> Encoded:
+        """``first`` (answered), then every ``(question, answer)`` turn of each group as its own branch.
+
+        Each question sees ``first``, the text its group's questions share (up to a word
+        boundary, encoded once, as the fast predictor does) and itself, at the positions it
+        would have if it were asked alone right after ``first``: the loss of one dialog per
+        question for a fraction of the tokens, and no earlier answer to lean on (in a
+        per-point dialog a later point can be answered from the turns before it). Trailing
+        branches that do not fit ``max_length`` are dropped and counted.
+        """
+        inputs = self.model_inputs(self.render(first), image)
+        ids = inputs["input_ids"][0].tolist()
+        if len(ids) > self.max_length:
+            raise SampleTooLongError(f"the first turns alone are {len(ids)} tokens > max_length {self.max_length}")
+        group, branch = [-1] * len(ids), [-1] * len(ids)
+        _, pre_q, post_q = self.turn_glue()
+        n_turns = sum(map(len, groups))
+        for g, turns in enumerate(groups):
+            questions = [q for q, _ in turns]
+            stem = os.path.commonprefix(questions) if len(questions) > 1 else ""  # noqa: RUF071 (text)
+            stem = stem[: max(stem.rfind(" "), 0)]
+            tails = [q[len(stem):] + post_q + a + self.spec.turn_end for q, a in turns]
+            pieces = self.tokenizer([pre_q + stem + tails[0], pre_q + stem, *tails],
+                                    add_special_tokens=False)["input_ids"]
+            if pieces[1] + pieces[2] != pieces[0]:  # the tokenizer merges across the seam: share nothing
+                pieces = [[], [], *self.tokenizer([pre_q + q + post_q + a + self.spec.turn_end for q, a in turns],
+                                                  add_special_tokens=False)["input_ids"]]
+            fits = True
+            for k, piece in enumerate(pieces[2:]):
+                shared = pieces[1] if k == 0 else []  # the group's shared text comes with its first branch
+                fits = len(ids) + len(shared) + len(piece) <= self.max_length
+                if not fits:
+                    break
+                ids += shared + piece
+                group += [g] * (len(shared) + len(piece))
+                branch += [-1] * len(shared) + [k] * len(piece)
+            if not fits:
+                break
+        n = len(ids) - inputs["input_ids"].shape[1]
+        t = torch.tensor([ids])
+        for k in ("attention_mask", "mm_token_type_ids", "token_type_ids"):
+            if k in inputs:
+                inputs[k] = torch.nn.functional.pad(inputs[k], (0, n), value=int(k == "attention_mask"))
+        inputs["input_ids"] = t
+        labels = torch.where(self.answer_mask(t[0]), t[0], torch.full_like(t[0], IGNORE_INDEX))
+        kept = len({(g, b) for g, b in zip(group, branch, strict=True) if b >= 0})
+        return Encoded(inputs, labels[None], dropped_turns=n_turns - kept, tree=torch.tensor([group, branch]))
+
+    def collate(self, batch_items: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        """Right-pad a batch; image tensors are concatenated as the processor lays them out.
+
+        With any :meth:`encode_branched` dialog in it, the attention mask is 4-D (each token
+        sees what :func:`branch_visibility` says) and the position ids are given.
+        """
+        n = max(e.length for e in batch_items)
         out: dict[str, list[torch.Tensor]] = {}
         pad_values = {"input_ids": self.pad_id, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
-        for e in batch:
+        for e in batch_items:
             fields = {**e.inputs, "labels": e.labels}
             for k, v in fields.items():
                 if k in pad_values or k == "labels":
                     fill = IGNORE_INDEX if k == "labels" else pad_values[k]
                     v = torch.nn.functional.pad(v, (0, n - v.shape[-1]), value=fill)
                 out.setdefault(k, []).append(v)
-        return {k: torch.cat(v, 0) for k, v in out.items()}
+        batch = {k: torch.cat(v, 0) for k, v in out.items()}
+        if any(e.tree is not None for e in batch_items):
+            batch |= self._tree_inputs(batch, [e.tree if e.tree is not None else torch.full((2, e.length), -1)
+                                               for e in batch_items])
+        return batch
+
+    def _tree_inputs(self, batch: dict[str, torch.Tensor], trees: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The 4-D attention mask and position ids of a batch holding :meth:`encode_branched` dialogs."""
+        n = batch["input_ids"].shape[1]
+        # padding is a group of its own: it sees the shared tokens and itself, and nothing sees it
+        tree = torch.stack([torch.nn.functional.pad(t, (0, n - t.shape[1]), value=-2) for t in trees])
+        sees = branch_visibility(tree[:, 0], tree[:, 1])
+        logical = sees.sum(-1) - 1
+        mask = torch.zeros(sees.shape, dtype=torch.float32).masked_fill_(~sees, torch.finfo(torch.float32).min)
+        rope = getattr(getattr(self.model, "model", None), "get_rope_index", None)
+        if rope is None:
+            return {"attention_mask": mask[:, None], "position_ids": logical}
+        # Qwen-VL's 3-D rotary positions: the image's are its own, text after it runs on linearly,
+        # so each token moves back by as many places as it sits after its logical position.
+        pos, _ = rope(input_ids=batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                      image_grid_thw=batch.get("image_grid_thw"), attention_mask=batch["attention_mask"])
+        return {"attention_mask": mask[:, None], "position_ids": pos - (torch.arange(n) - logical)[None]}
 
     # --------------------------------------------------------------- training
     def trainable_module_names(self) -> list[str]:

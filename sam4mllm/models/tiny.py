@@ -105,7 +105,8 @@ def tokenizer_corpus(seed: int = 0, n: int = 4000) -> list[str]:
         pts = rng.integers(0, 1000, (3, 3)) % [1000, 1000, 2]
         t = TargetPrompt(tuple(sorted(rng.integers(0, 1000, 4).tolist())),  # type: ignore[arg-type]
                          tuple(Point(int(a), int(b), bool(c)) for a, b, c in pts))
-        task, mode = str(rng.choice(["res", "gres"])), str(rng.choice(dialogs.PQPP_MODES))
+        # the two dialog texts PQPP has (``branch`` asks per_point's), listed so that a new mode leaves the corpus
+        task, mode = str(rng.choice(["res", "gres"])), str(rng.choice(["per_point", "joint"]))
         question = f"What color is the {rng.choice(SHAPES)}?"
         out += [dialogs.ppg_dialog(expr, [t], task, fmt).turns[0][0], fmt.encode([t]),
                 *(q for q, _ in dialogs.pqpp_dialog(expr, [t], task, fmt, mode).turns),

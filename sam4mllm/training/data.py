@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from sam4mllm.data.base import load_image
-from sam4mllm.dialogs import Dialog, ppg_dialog, pqpp_dialog, vqa_dialog
+from sam4mllm.dialogs import Dialog, point_turns, ppg_dialog, pqpp_dialog, vqa_dialog
 from sam4mllm.models.adapter import Adapter, Encoded, SampleTooLongError
 from sam4mllm.shards import read_shard
 
@@ -100,7 +100,13 @@ class MixtureDataset(torch.utils.data.Dataset):
         ex = self.sources[name][0][j]
         image = load_image(ex.image_path)
         try:
-            enc = self.adapter.encode(self.dialog(ex, image.shape[:2]), image)
+            dialog = self.dialog(ex, image.shape[:2])
+            if self.variant == "pqpp" and self.pqpp_mode == "branch" and ex.kind == "seg":
+                targets = self.adapter.to_model_targets(ex.targets or [], image.shape[:2])
+                enc = self.adapter.encode_branched(Dialog(dialog.turns[:1]), point_turns(targets, self.adapter.fmt),
+                                                   image)
+            else:
+                enc = self.adapter.encode(dialog, image)
         except SampleTooLongError:
             self.stats["too_long"] += 1
             return None

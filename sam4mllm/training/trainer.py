@@ -245,7 +245,7 @@ class Trainer:
 
     # -------------------------------------------------------------- batches
     def _batches(self):
-        """This rank's micro-batches of the current epoch, from position ``self.micro``."""
+        """This rank's micro-batches of the current epoch (with their token counts), from ``self.micro``."""
         self.data.set_epoch(self.epoch)
         order = list(range(len(self.data)))
         per_rank = self._rank_len()
@@ -255,7 +255,7 @@ class Trainer:
         for start in range(self.micro * bs, len(mine), bs):
             items = [e for e in (self.data[i] for i in mine[start:start + bs]) if e is not None]
             self.micro += 1
-            yield self.adapter.collate(items) if items else None
+            yield (self.adapter.collate(items), sum(e.length for e in items)) if items else (None, 0)
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         dev = _device()
@@ -274,11 +274,11 @@ class Trainer:
         self.engine.train()
         t0, tokens, window = time.perf_counter(), 0, []
         while self.step < self.total_steps:
-            for batch in self._batches():
+            for batch, n_tokens in self._batches():
                 if batch is None:  # every dialog of the batch was too long (counted)
                     continue
                 loss = self._forward(batch)
-                tokens += int(batch["attention_mask"].sum())
+                tokens += n_tokens
                 window.append(float(loss.detach()))
                 if self.use_ds:
                     stepped = self.engine.is_gradient_accumulation_boundary()
@@ -299,7 +299,8 @@ class Trainer:
                 loss_mean, tok = _mean_across_ranks([float(np.mean(window)), float(tokens)])
                 dt = time.perf_counter() - t0
                 rec = {"step": self.step, "loss": loss_mean, "lr": float(self.sched.get_last_lr()[0]),
-                       "tokens_per_s": tok * world() / dt, "peak_mem_mb": peak_memory_mb(), "epoch": self.epoch}
+                       "tokens_per_s": tok * world() / dt, "step_s": dt, "peak_mem_mb": peak_memory_mb(),
+                       "epoch": self.epoch}
                 history.append(rec)
                 self._log(rec)
                 bar.update(1)
