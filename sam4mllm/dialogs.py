@@ -15,6 +15,7 @@ Coordinates here are already in the backbone's integer units (see
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -80,6 +81,12 @@ def joint_question(fmt: PromptFormat, box: Sequence[int], points: Sequence[Point
 def yes_no(inside: bool) -> str:
     """The answer word for one point."""
     return YES if inside else NO
+
+
+def shared_stem(questions: Sequence[str]) -> str:
+    """The text several questions share, cut at a word boundary (empty for one question)."""
+    stem = os.path.commonprefix(list(questions)) if len(questions) > 1 else ""  # noqa: RUF071 (text)
+    return stem[: max(stem.rfind(" "), 0)]
 
 
 def point_turns(targets: Sequence[TargetPrompt], fmt: PromptFormat) -> list[list[tuple[str, str]]]:

@@ -17,7 +17,6 @@ reading ``P(Yes)`` / ``P(No)`` from the logits without ``generate()``. :meth:`Sa
 from __future__ import annotations
 
 import copy
-import os
 import time
 import zlib
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from sam4mllm.codec import ParseResult, Point
-from sam4mllm.dialogs import Dialog, box_question, joint_question, point_question, ppg_dialog
+from sam4mllm.dialogs import Dialog, box_question, joint_question, point_question, ppg_dialog, shared_stem
 from sam4mllm.models.adapter import Adapter, branch_visibility
 from sam4mllm.sam.base import Segmenter
 
@@ -227,8 +226,7 @@ class Sam4MLLM:
                               tok.encode(post_q, add_special_tokens=False))
         head, foot = self._glue_ids
         if split:
-            stem = os.path.commonprefix(list(questions)) if len(questions) > 1 else ""  # noqa: RUF071 (text)
-            stem = stem[: max(stem.rfind(" "), 0)]
+            stem = shared_stem(questions)
             whole = after + pre_q + questions[0] + post_q
             ids = tok([whole, stem, *(q[len(stem):] for q in questions)], add_special_tokens=False)["input_ids"]
             conts = [b + foot for b in ids[2:]]

@@ -9,7 +9,6 @@ full. Adding a family is one :class:`FamilySpec` entry and one ``model/`` config
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 from sam4mllm.codec import Point, PromptFormat, TargetPrompt, get_format
 from sam4mllm.coords import CoordSystem, Grid, ResizedPixels, Size
-from sam4mllm.dialogs import NO, YES, Dialog
+from sam4mllm.dialogs import NO, YES, Dialog, shared_stem
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -232,8 +231,7 @@ class Adapter:
         n_turns = sum(map(len, groups))
         for g, turns in enumerate(groups):
             questions = [q for q, _ in turns]
-            stem = os.path.commonprefix(questions) if len(questions) > 1 else ""  # noqa: RUF071 (text)
-            stem = stem[: max(stem.rfind(" "), 0)]
+            stem = shared_stem(questions)
             tails = [q[len(stem):] + post_q + a + self.spec.turn_end for q, a in turns]
             pieces = self.tokenizer([pre_q + stem + tails[0], pre_q + stem, *tails],
                                     add_special_tokens=False)["input_ids"]
