@@ -112,17 +112,19 @@ def _sharded(stage: Callable[[Any], Any], config: str, overrides: list[str], poo
 def _launch_training(cfg: Any, variant: str, common: list[str], labels: list[Path]) -> Path:
     """``deepspeed --num_gpus N scripts/train.py +exp=<variant> ...``; returns the run folder.
 
-    A finished run is reused only if it was trained from the same config, tiny-model
-    builder and labels (their headers carry the benchmark's hash).
+    A finished run is reused only if it was trained from the same config, tiny model
+    (its spec digest) and labels (their headers carry the benchmark's hash).
     """
-    from sam4mllm.models.tiny import BUILDER_VERSION
+    from sam4mllm.models.tiny import TinySpec
 
     run_dir = Path(cfg.out_dir) / "runs" / variant
     overrides = [f"+exp={variant}", f"run_dir={run_dir}", *common, *cfg.train_overrides.get(variant, [])]
     train_cfg = OmegaConf.to_container(compose_config("train", overrides), resolve=True)
     for key in ("logger", "progress"):  # how a run reports, not what it learns
         train_cfg.pop(key)
-    inputs = {"train": train_cfg, "tiny_builder": BUILDER_VERSION, "labels": [read_shard(p)[0] for p in labels]}
+    model = train_cfg["model"]
+    tiny = TinySpec(family=model["family"], **model["tiny"]).digest() if model.get("tiny") else None
+    inputs = {"train": train_cfg, "tiny_model": tiny, "labels": [read_shard(p)[0] for p in labels]}
     stamp = {"digest": hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]}
     stamp_path = run_dir / "demo_inputs.json"
     if (run_dir / "final" / "sam4mllm.json").exists() and stamp_path.exists() and \

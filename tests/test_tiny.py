@@ -35,3 +35,22 @@ def test_min_image_pixels_upscales_a_small_image_to_a_finer_token_grid(tmp_path)
         grids[name] = ip(images=[image], return_tensors="pt")["image_grid_thw"][0].tolist()
     # 16-px patches, merged 2x2 into one LLM token: 96 px -> 3x3 tokens, 192 px -> 6x6
     assert grids == {"default": [1, 6, 6], "finer": [1, 12, 12]}
+
+
+def test_a_changed_dialog_template_rebuilds_a_cached_folder(tmp_path, monkeypatch):
+    """The tokenizer is trained on the dialog templates; editing one must not leave a cached
+    folder with the old tokenizer (and so a silently different model) in place."""
+    from sam4mllm import dialogs
+    from sam4mllm.models.tiny import corpus_digest
+
+    spec = TinySpec(family="qwen2vl")
+    folder = build_tiny(spec, tmp_path / "m")
+    before = (folder / "tokenizer.json").read_text(), spec.digest()
+    monkeypatch.setattr(dialogs, "POINT_PROMPT", "Does the object with coordinates {box} cover this point? {point}")
+    corpus_digest.cache_clear()
+    try:
+        after = (build_tiny(spec, folder) / "tokenizer.json").read_text(), spec.digest()
+    finally:
+        corpus_digest.cache_clear()  # other tests see the real templates again
+    assert after[1] != before[1]
+    assert after[0] != before[0]

@@ -5,11 +5,12 @@ weights (safetensors), a byte-level BPE tokenizer trained offline on the project
 dialog text with the family's special tokens, image processor, chat template -- so
 that tiny and real checkpoints load through the same ``from_pretrained`` code. The
 tokenizer splits digits one by one (as Qwen's does) and keeps ``Yes`` and ``No`` as
-single tokens. A folder is rebuilt only when its spec changes.
+single tokens. A folder is rebuilt only when its spec or the tokenizer corpus changes.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -24,7 +25,7 @@ from sam4mllm import dialogs
 from sam4mllm.codec import FORMATS, Point, TargetPrompt
 from sam4mllm.data.synthetic import COLOR_RIDDLES, COLORS, NUMBER_WORDS, SHAPE_RIDDLES, SHAPES, SIZES
 
-BUILDER_VERSION = 3  # bump when the tokenizer corpus or the builder changes, so cached folders rebuild
+BUILDER_VERSION = 3  # bump when the builder changes, so cached folders rebuild (the corpus is hashed)
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -87,7 +88,12 @@ class TinySpec:
             raise ValueError(f"vision_pos_std: {self.family}'s ViT has no learned position table (only qwen3vl has)")
 
     def digest(self) -> str:
-        blob = {"builder": BUILDER_VERSION, **asdict(self)}
+        """Names what the builder would write: the spec, the builder version and the tokenizer corpus.
+
+        The corpus is hashed rather than versioned because it is made from the dialog
+        templates, which change in other modules without anyone bumping ``BUILDER_VERSION``.
+        """
+        blob = {"builder": BUILDER_VERSION, "corpus": corpus_digest(self.seed), **asdict(self)}
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -112,6 +118,12 @@ def tokenizer_corpus(seed: int = 0, n: int = 4000) -> list[str]:
                 *(q for q, _ in dialogs.pqpp_dialog(expr, [t], task, fmt, mode).turns),
                 str(rng.choice(riddles)), dialogs.vqa_dialog(question, "red").turns[0][0]]
     return out
+
+
+@functools.cache
+def corpus_digest(seed: int = 0) -> str:
+    """Hash of :func:`tokenizer_corpus` (about a second to draw, so once per process)."""
+    return hashlib.sha256(json.dumps(tokenizer_corpus(seed)).encode()).hexdigest()[:12]
 
 
 def train_tokenizer(specials: list[str], vocab_size: int, seed: int = 0) -> Any:
