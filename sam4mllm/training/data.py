@@ -86,27 +86,25 @@ class MixtureDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def dialog(self, ex: Example, size: tuple[int, int]) -> Dialog:
-        """The training dialog of one example."""
+    def encode(self, ex: Example, image: np.ndarray) -> Encoded:
+        """One example's training dialog, encoded (PQPP ``branch``: round 2 as branches after round 1)."""
         if ex.kind == "vqa":
-            return vqa_dialog(ex.expression, ex.answer or "")
-        targets = self.adapter.to_model_targets(ex.targets or [], size)
+            return self.adapter.encode(vqa_dialog(ex.expression, ex.answer or ""), image)
+        targets = self.adapter.to_model_targets(ex.targets or [], image.shape[:2])
+        fmt = self.adapter.fmt
         if self.variant == "ppg":
-            return ppg_dialog(ex.expression, targets, ex.task, self.adapter.fmt)
-        return pqpp_dialog(ex.expression, targets, ex.task, self.adapter.fmt, self.pqpp_mode)
+            return self.adapter.encode(ppg_dialog(ex.expression, targets, ex.task, fmt), image)
+        dialog = pqpp_dialog(ex.expression, targets, ex.task, fmt, self.pqpp_mode)
+        if self.pqpp_mode == "branch":
+            return self.adapter.encode_branched(Dialog(dialog.turns[:1]), point_turns(targets, fmt), image)
+        return self.adapter.encode(dialog, image)
 
     def __getitem__(self, i: int) -> Encoded | None:
         name, j = self.items[i]
         ex = self.sources[name][0][j]
         image = load_image(ex.image_path)
         try:
-            dialog = self.dialog(ex, image.shape[:2])
-            if self.variant == "pqpp" and self.pqpp_mode == "branch" and ex.kind == "seg":
-                targets = self.adapter.to_model_targets(ex.targets or [], image.shape[:2])
-                enc = self.adapter.encode_branched(Dialog(dialog.turns[:1]), point_turns(targets, self.adapter.fmt),
-                                                   image)
-            else:
-                enc = self.adapter.encode(dialog, image)
+            enc = self.encode(ex, image)
         except SampleTooLongError:
             self.stats["too_long"] += 1
             return None
