@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,16 @@ from sam4mllm.data.errors import CorruptImageError
 from sam4mllm.data.masks import decode_segmentation, encode_rle
 from sam4mllm.metrics import SegmentationMeter, VQAMeter
 from sam4mllm.report import markdown_table
-from sam4mllm.shards import ShardWriter, assign, iter_records, merge_shards, read_shard, shard_from_env, shard_path
+from sam4mllm.shards import (
+    ShardWriter,
+    assign,
+    iter_records,
+    merge_shards,
+    read_shard,
+    shard_from_env,
+    shard_path,
+    write_records,
+)
 from sam4mllm.viz import save_overlay
 
 log = logging.getLogger(__name__)
@@ -63,8 +73,10 @@ def _header(cfg: Any, split: str, data: str) -> dict[str, Any]:
                 "sam": OmegaConf.to_container(cfg.sam, resolve=True),
                 "eval": OmegaConf.to_container(cfg.eval, resolve=True), "seed": cfg.seed}
     digest = hashlib.sha256(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    # PQPP records keep only the answers above the threshold: rethreshold() must know it.
+    threshold = {"pqpp_threshold": float(cfg.eval.pqpp.threshold)} if cfg.variant == "pqpp" else {}
     return {"format": PRED_FORMAT, "version": PRED_VERSION, "config_hash": digest, "variant": cfg.variant,
-            "dataset": cfg.dataset.name, "split": split, "task": cfg.dataset.task}
+            "dataset": cfg.dataset.name, "split": split, "task": cfg.dataset.task, **threshold}
 
 
 def predict_sample(predictor: Any, sample: Any) -> dict[str, Any]:
@@ -137,7 +149,7 @@ def rescore(predictions: str | Path, dataset_cfg: Any) -> dict[str, Any]:
             vqa.update(r.get("answer", ""), rec["answers"])
         return {**out, **vqa.compute()}
     meter = SegmentationMeter()
-    times = []
+    times, points, right = [], 0, 0
     for r in records:
         sample = ds[int(r["key"])]
         h, w = sample.size
@@ -145,12 +157,95 @@ def rescore(predictions: str | Path, dataset_cfg: Any) -> dict[str, Any]:
         for m in r.get("masks", []):
             dm = decode_segmentation(m, h, w)
             pred = dm if pred is None else pred | dm
-        meter.update(pred, sample.union_mask(), sample.ignore, valid=bool(r.get("valid")))
+        gt = sample.union_mask()
+        meter.update(pred, gt, sample.ignore, valid=bool(r.get("valid")))
         if "timings" in r:
             times.append(r["timings"].get("total", 0.0))
+        for pts, labels in zip(r.get("points", []), r.get("labels", []), strict=True):
+            if len(pts):  # a point label is right when it says what the GT says at that pixel
+                xy = np.clip(np.asarray(pts, int), 0, [w - 1, h - 1])
+                points += len(xy)
+                right += int((gt[xy[:, 1], xy[:, 0]] == np.asarray(labels, bool)).sum())
     out.update(meter.compute())
     out["seconds_per_sample"] = float(np.mean(times)) if times else None
+    out["points"], out["points_right"] = points, right / points if points else None
     return out
+
+
+Prompts = tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]
+
+
+def resegment(header: dict[str, Any], records: list[dict[str, Any]], out_dir: str | Path, dataset_cfg: Any,
+              segmenter: Any, prompts: Callable[[dict[str, Any], Any], Prompts], overlays: int = 0) -> dict[str, Any]:
+    """Segment a predictions file's boxes again with other points, without running the MLLM.
+
+    ``prompts(record, sample)`` gives each box's points, labels and confidences. Writes
+    what an evaluation writes (predictions under ``header``, metrics, overlays) to ``out_dir``.
+    """
+    from sam4mllm.inference import segment_targets
+
+    ds = build_dataset(dataset_cfg, header["split"])
+    out = []
+    for r in records:
+        r = {k: v for k, v in r.items() if k != "timings"}  # the MLLM's, and the old segmentation's
+        if r.get("boxes"):
+            s = ds[int(r["key"])]
+            points, labels, confidences = prompts(r, s)
+            segmenter.set_image(s.image)
+            masks = segment_targets(segmenter, np.asarray(r["boxes"], float), points, labels)
+            r.update(masks=[encode_rle(m) for m in masks], points=[np.asarray(p).tolist() for p in points],
+                     labels=[np.asarray(lb).tolist() for lb in labels],
+                     confidences=[np.asarray(c).tolist() for c in confidences])
+        out.append(r)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = write_records(out_dir / MERGED, header, out)
+    metrics = rescore(path, dataset_cfg)
+    write_reports(out_dir, metrics)
+    if overlays:
+        write_overlays(path, ds, out_dir / "overlays", overlays)
+    return metrics
+
+
+def rethreshold(predictions: str | Path, out_dir: str | Path, dataset_cfg: Any, segmenter: Any, threshold: float,
+                overlays: int = 0) -> dict[str, Any]:
+    """A PQPP evaluation at another point-filter threshold (paper Table 6a) without the MLLM.
+
+    Keeps the answers more confident than ``threshold`` and segments again: exactly what
+    evaluating at ``threshold`` gives, provided ``predictions`` was evaluated at a threshold
+    no higher (``eval.pqpp.threshold=0`` keeps every answer).
+    """
+    header, records = read_shard(Path(predictions))
+    if header.get("variant") != "pqpp" or "pqpp_threshold" not in header:
+        raise ValueError(f"{predictions} is not a PQPP evaluation that records its point threshold "
+                         f"(variant {header.get('variant')!r}); evaluate again with variant=pqpp")
+    if threshold < header["pqpp_threshold"]:
+        raise ValueError(f"{predictions} keeps only the answers more confident than {header['pqpp_threshold']}; "
+                         f"threshold {threshold} needs the ones it dropped: evaluate with "
+                         f"eval.pqpp.threshold={threshold} or lower (0 keeps every answer)")
+
+    def kept(r: dict[str, Any], sample: Any) -> Prompts:
+        points, labels, confidences = [], [], []
+        for p, lb, c in zip(r["points"], r["labels"], r["confidences"], strict=True):
+            keep = np.asarray(c, float) > threshold
+            points.append(np.asarray(p, float).reshape(-1, 2)[keep])
+            labels.append(np.asarray(lb, np.int64)[keep])
+            confidences.append(np.asarray(c, float)[keep])
+        return points, labels, confidences
+
+    return resegment({**header, "pqpp_threshold": threshold}, records, out_dir, dataset_cfg, segmenter, kept,
+                     overlays)
+
+
+def threshold_sweep(cfg: Any, segmenter: Any = None) -> list[dict[str, Any]]:
+    """:func:`rethreshold` of the evaluation in ``cfg.out_dir`` at each of ``cfg.eval.rethreshold``,
+    into sibling folders ``thr<t>`` (the names of the Table 6 configs); their metrics."""
+    from hydra.utils import instantiate
+
+    segmenter = segmenter or instantiate(cfg.sam)
+    out = Path(cfg.out_dir)
+    return [{"threshold": t, **rethreshold(out / MERGED, out.parent / f"thr{t:g}", cfg.dataset, segmenter, t)}
+            for t in cfg.eval.rethreshold]
 
 
 def write_reports(out_dir: Path, metrics: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from sam4mllm.evaluate import evaluate
+from sam4mllm.evaluate import evaluate, threshold_sweep
 from sam4mllm.report import markdown_table
 from sam4mllm.training.launch import strip_local_rank
 
@@ -20,6 +20,10 @@ def main(cfg: DictConfig) -> None:
     if metrics is not None:
         print(markdown_table(list(metrics), [list(metrics.values())]))
         print(f"written to {cfg.out_dir}")
+        if cfg.eval.rethreshold:
+            swept = threshold_sweep(cfg)
+            print(markdown_table(list(swept[0]), [list(m.values()) for m in swept]))
+            print(f"re-segmented into {cfg.out_dir}/../thr<t>")
 
 
 if __name__ == "__main__":

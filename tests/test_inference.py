@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -210,6 +211,10 @@ def test_pqpp_boxes_resegmented_equal_box_only_and_gain_from_gt_point_answers(wo
         for pts, labels in zip(r["points"], r["labels"], strict=True):
             assert len(pts) == grid.grid ** 2 and [int(gt[y, x]) for x, y in pts] == labels
         assert len(r["points"]) == len(r.get("boxes") or [])
+    n_boxes = sum(len(r.get("boxes") or []) for r in records["pqpp"][1:])
+    assert oracle["points"] == n_boxes * grid.grid ** 2 and oracle["points_right"] == 1.0  # GT answers: all right
+    assert derived["points"] == 0 and derived["points_right"] is None
+    assert 0 < metrics["pqpp"]["points_right"] < 1  # the scripted answers ignore the image
     # These boxes span several shapes: negative points on the others must help the segmenter,
     # and all-negative answers in a box over no target must empty its mask.
     assert oracle["cIoU"] > derived["cIoU"] + 0.05 and oracle["N-acc"] > derived["N-acc"]
@@ -234,6 +239,44 @@ def test_eval_script_as_typed_names_the_missing_data_and_the_fix(tmp_path):
     assert "refs(umd).p" in r.stderr and "python scripts/prepare_data.py dataset=refcocog" in r.stderr
 
 
+def test_rethresholding_an_evaluation_that_kept_every_answer_equals_evaluating_at_that_threshold(
+        workspace, adapter, tmp_path):
+    """Paper Table 6a from one pass: evaluate at threshold 0, re-segment at 0.8 without the model."""
+    from sam4mllm.evaluate import rethreshold, threshold_sweep
+
+    box = "<|box_start|>(100,150),(600,700)<|box_end|>"
+    runs, records = {}, {}
+    for name, t in (("table6a", 0.0), ("direct", 0.8)):
+        cfg = _eval_cfg(workspace, tmp_path / "pqpp-qwen2vl" / "refcocog-val" / name, "dataset=synthetic_gres",
+                        f"eval.pqpp.threshold={t}", "eval.rethreshold=[0.8]")
+        # 25 grid answers per box with P(Yes) from 0 to 1: confidences from 1 down to 0.5 and back
+        predictor = Scripted(adapter, "pqpp", box, p_yes=lambda n: np.linspace(0, 1, n), pqpp=PQPPConfig(threshold=t))
+        runs[name] = evaluate(cfg, predictor)
+        records[name] = _records(cfg.out_dir)
+        if name == "table6a":
+            swept = threshold_sweep(cfg, GrabCutSegmenter())
+    out = tmp_path / "pqpp-qwen2vl" / "refcocog-val" / "thr0.8"
+    drop = ("seconds_per_sample",)  # the re-segmented file has no model timings
+    assert {k: v for k, v in swept[0].items() if k not in drop} == {
+        "threshold": 0.8, **{k: v for k, v in runs["direct"].items() if k not in drop}}
+    again = _records(out)
+    for key in ("masks", "points", "labels", "confidences", "boxes", "valid"):
+        assert [r.get(key) for r in again] == [r.get(key) for r in records["direct"]], key
+    assert 0 < runs["direct"]["points"] < runs["table6a"]["points"]  # some answers dropped, some kept
+    assert runs["direct"]["cIoU"] != runs["table6a"]["cIoU"]
+    # A file that dropped answers cannot give a lower threshold; a box-only file has none to filter.
+    with pytest.raises(ValueError, match=r"eval.pqpp.threshold=0.6 or lower"):
+        rethreshold(out / "predictions.jsonl", tmp_path / "x", cfg.dataset, GrabCutSegmenter(), 0.6)
+    box_only = _eval_cfg(workspace, tmp_path / "box_only", "variant=box_only")
+    evaluate(box_only, Scripted(adapter, "box_only", box))
+    with pytest.raises(ValueError, match="not a PQPP evaluation"):
+        rethreshold(tmp_path / "box_only" / "predictions.jsonl", tmp_path / "y", box_only.dataset, None, 0.9)
+
+
+def _records(out_dir):
+    return [json.loads(x) for x in (Path(out_dir) / "predictions.jsonl").read_text().splitlines()[1:]]
+
+
 def test_paper_tables_put_ours_next_to_the_paper(tmp_path):
     from sam4mllm.tables import render_tables
 
@@ -245,10 +288,15 @@ def test_paper_tables_put_ours_next_to_the_paper(tmp_path):
     abl.mkdir(parents=True)
     (abl / "metrics.json").write_text(json.dumps({"dataset": "refcocog", "split": "val", "variant": "pqpp",
                                                   "cIoU": 0.25}))
+    swept = tmp_path / "pqpp-qwen3vl" / "refcocog-val" / "thr0.9"  # eval=table6a's 0.9 row, no default run
+    swept.mkdir(parents=True)
+    (swept / "metrics.json").write_text(json.dumps({"dataset": "refcocog", "split": "val", "variant": "pqpp",
+                                                    "cIoU": 0.33}))
     text = render_tables(tmp_path)
     assert "51.2 / 74.5" in text          # Table 2, refcocog val: ours / paper PQPP
     assert "- / 75.2" in text              # refcocog test: no run, paper only
     assert "25.0 / 69.5" in text         # Table 6, threshold 0.6
+    assert re.search(r"\| pqpp-qwen3vl +\| default +\| 33\.0 / 74\.5 +\|", text)  # Table 6's 0.9 row from thr0.9
 
 
 def test_vqa_evaluation_uses_the_official_accuracy(workspace, tmp_path):
