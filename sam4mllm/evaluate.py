@@ -104,6 +104,10 @@ def evaluate(cfg: Any, predictor: Any = None) -> dict[str, Any] | None:
 
     Returns the metrics (or ``None`` while other shards still run).
     """
+    sweep = cfg.eval.get("rethreshold") or []
+    if sweep and (cfg.variant != "pqpp" or min(sweep) < cfg.eval.pqpp.threshold):  # before hours of evaluating
+        raise ValueError(f"eval.rethreshold={list(sweep)} re-segments PQPP's answers: it needs variant=pqpp and "
+                         f"thresholds >= eval.pqpp.threshold ({cfg.eval.pqpp.threshold}), got variant={cfg.variant}")
     split = cfg.split or cfg.dataset.split
     ds = build_dataset(cfg.dataset, split)  # missing data fails here, before any model loads
     out_dir = Path(cfg.out_dir)

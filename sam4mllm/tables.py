@@ -80,9 +80,9 @@ def render_tables(eval_root: str | Path) -> str:
     rows = []
     for run in runs:
         for name, paper in TABLE6_PAPER.items():
-            # eval=table6a writes the 0.9 row as thr0.9, the same as the default evaluation
-            m = results.get((run, "refcocog", "val", name)) or results.get((run, "refcocog", "val", "thr0.9"), {}) \
-                if name == "default" else results.get((run, "refcocog", "val", name), {})
+            m = results.get((run, "refcocog", "val", name)) or {}
+            if not m and name == "default":  # eval=table6a writes the 0.9 row as thr0.9
+                m = results.get((run, "refcocog", "val", "thr0.9"), {})
             rows.append([run, name, _cell(m.get("cIoU"), paper)])
     out += ["### Table 6: PQPP ablations on refCOCOg val (cIoU)", markdown_table(["run", "setting", "cIoU"], rows)]
     return "\n".join(out)

@@ -267,6 +267,9 @@ def test_rethresholding_an_evaluation_that_kept_every_answer_equals_evaluating_a
     # A file that dropped answers cannot give a lower threshold; a box-only file has none to filter.
     with pytest.raises(ValueError, match=r"eval.pqpp.threshold=0.6 or lower"):
         rethreshold(out / "predictions.jsonl", tmp_path / "x", cfg.dataset, GrabCutSegmenter(), 0.6)
+    for bad in (["variant=box_only"], ["eval.pqpp.threshold=0.9"]):  # refused before anything is evaluated
+        with pytest.raises(ValueError, match=r"eval\.rethreshold=\[0\.8\] re-segments"):
+            evaluate(_eval_cfg(workspace, tmp_path / "bad", "eval.rethreshold=[0.8]", *bad), None)
     box_only = _eval_cfg(workspace, tmp_path / "box_only", "variant=box_only")
     evaluate(box_only, Scripted(adapter, "box_only", box))
     with pytest.raises(ValueError, match="not a PQPP evaluation"):
