@@ -5,6 +5,7 @@
 """
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -23,7 +24,7 @@ def main(cfg: DictConfig) -> None:
         if cfg.eval.rethreshold:
             swept = threshold_sweep(cfg)
             print(markdown_table(list(swept[0]), [list(m.values()) for m in swept]))
-            print(f"re-segmented into {cfg.out_dir}/../thr<t>")
+            print(f"re-segmented into {Path(cfg.out_dir).parent}/thr<t>")
 
 
 if __name__ == "__main__":
