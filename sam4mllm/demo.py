@@ -259,21 +259,22 @@ def run_demo(cfg: Any) -> list[list[Any]]:
     views = list(zip(VIEWS.values(), datasets, strict=True))
     every = [out / "eval" / "pqpp_all" / view / MERGED for view in VIEWS.values()]
 
-    def at(threshold: float, folder: str, overlays: int = 0) -> list[dict[str, Any]]:
-        return [rethreshold(p, out / "eval" / folder / view, d, segmenter, threshold, overlays)
-                for p, (view, d) in zip(every, views, strict=True)]
-
     grid = PQPPConfig(**OmegaConf.to_container(eval_cfg.eval.pqpp, resolve=True))  # the points PQPP asked about
     derived = {name: [from_pqpp_boxes(p.parent, out / "eval" / folder / view, d, segmenter, cfg.overlays, points)
                       for p, (view, d) in zip(every, views, strict=True)]
                for name, folder, points in [("box-only (PQPP model, round 1)", "box_only", None),
                                             ("PQPP boxes + GT point answers", "pqpp_oracle_points", grid)]}
+    # Each threshold re-segmented once; the table's own (paper: 0.9) into eval/pqpp/ with its overlays.
+    swept = {t: [rethreshold(p, out / "eval" / ("pqpp" if t == grid.threshold else f"pqpp_thr{t:g}") / view, d,
+                             segmenter, t, cfg.overlays if t == grid.threshold else 0)
+                 for p, (view, d) in zip(every, views, strict=True)]
+             for t in sorted({*cfg.thresholds, grid.threshold})}
     rows += [_row(name, *derived[name]) for name in derived]
-    rows += [_row("SAM4MLLM-PPG", *learned["ppg"]), _row("SAM4MLLM-PQPP", *at(grid.threshold, "pqpp", cfg.overlays))]
+    rows += [_row("SAM4MLLM-PPG", *learned["ppg"]), _row("SAM4MLLM-PQPP", *swept[grid.threshold])]
     table = markdown_table(COLUMNS, rows, digits=3)
     print("\n== 5. results on synthetic val (RES: one target per sentence; GRES: multi- and no-target)\n")
     print(table)
-    sweep = [["every answer", *learned["pqpp_all"]], *([f"{t:g}", *at(t, f"pqpp_thr{t:g}")] for t in cfg.thresholds),
+    sweep = [["every answer", *learned["pqpp_all"]], *([f"{t:g}", *swept[t]] for t in cfg.thresholds),
              ["none (box-only)", *derived["box-only (PQPP model, round 1)"]]]
     sweep = [[name, *(m[k] for m in per_view for k in ("cIoU", "points", "points_right"))] for name, *per_view in sweep]
     sweep_table = markdown_table(SWEEP_COLUMNS, sweep, digits=3)
