@@ -1,0 +1,125 @@
+"""How right must PQPP's point answers be to beat its own boxes? Measured on the demo's model.
+
+    python bench/point_accuracy.py [--demo outputs/demo] [--threshold 0.9] [--seeds 3]
+
+Reads the demo's PQPP evaluation that kept every answer (``make demo`` writes it to
+``<demo>/eval/pqpp_all/``) and re-segments its round-1 boxes, without the MLLM, with
+points of a known accuracy:
+
+* **repaired**: the answers the model keeps at ``--threshold`` (the demo's PQPP row),
+  each wrong one (the GT mask disagrees at the point) set right with probability f.
+  f = 0 is the demo's PQPP row, f = 1 the same points all right; in between, the share
+  right that the points must reach before PQPP beats its boxes (box-only, no points).
+* **noisy grid**: the 5x5 grid the model was asked about, every point kept, answered by
+  the GT masks with each answer flipped with probability e. e = 0 is the demo's "PQPP
+  boxes + GT point answers" row.
+
+Stochastic rows are averaged over ``--seeds`` draws. Without the demo's outputs it says
+so and exits 0 (``make bench`` on a fresh clone), since training them is the demo's job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from sam4mllm.demo import VIEWS, compose_config
+from sam4mllm.evaluate import MERGED, Prompts, resegment
+from sam4mllm.inference import PQPPConfig, sample_points
+from sam4mllm.report import markdown_table
+from sam4mllm.sam.grabcut import GrabCutSegmenter
+from sam4mllm.shards import read_shard
+
+Answers = Callable[[dict[str, Any], Any, np.random.Generator], Prompts]
+
+
+def repaired(threshold: float, f: float) -> Answers:
+    """The model's answers above ``threshold``, each wrong one set right with probability ``f``."""
+    def answers(r: dict[str, Any], s: Any, rng: np.random.Generator) -> Prompts:
+        gt = s.union_mask()
+        points, labels, confidences = [], [], []
+        for p, lb, c in zip(r["points"], r["labels"], r["confidences"], strict=True):
+            keep = np.asarray(c, float) > threshold
+            p, lb = np.asarray(p, np.int64).reshape(-1, 2)[keep], np.asarray(lb, np.int64)[keep]
+            truth = gt[p[:, 1], p[:, 0]].astype(np.int64)
+            fix = (lb != truth) & (rng.random(len(lb)) < f)
+            points.append(p)
+            labels.append(np.where(fix, truth, lb))
+            confidences.append(np.asarray(c, float)[keep])
+        return points, labels, confidences
+    return answers
+
+
+def noisy_grid(grid: PQPPConfig, e: float) -> Answers:
+    """Every grid point of each box, answered by the GT mask and flipped with probability ``e``."""
+    def answers(r: dict[str, Any], s: Any, rng: np.random.Generator) -> Prompts:
+        gt = s.union_mask()
+        points = [sample_points(b, s.size, grid, rng) for b in np.asarray(r["boxes"], float)]
+        labels = [gt[p[:, 1], p[:, 0]].astype(np.int64) ^ (rng.random(len(p)) < e) for p in points]
+        return points, labels, [np.ones(len(p)) for p in points]
+    return answers
+
+
+def score(runs: list[tuple[dict, list, Any]], answers: Answers | None, seeds: int, tmp: Path) -> list[float]:
+    """Mean RES / GRES cIoU and share of points right over ``seeds`` draws (one if ``answers`` is deterministic)."""
+    segmenter = GrabCutSegmenter()
+    out = []
+    for header, records, dataset in runs:
+        cious, rights = [], []
+        for seed in range(seeds if answers else 1):
+            prompts = partial(answers, rng=np.random.default_rng(seed)) if answers else lambda r, s: ([], [], [])
+            m = resegment(header, records, tmp / "run", dataset, segmenter, prompts)
+            cious.append(m["cIoU"])
+            rights.append(m["points_right"])
+        out += [float(np.mean(cious)), float(np.mean(rights)) if rights[0] is not None else None]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--demo", type=Path, default=Path("outputs/demo"), help="the demo's output folder")
+    parser.add_argument("--threshold", type=float, default=0.9, help="the point filter of the 'repaired' rows")
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args()
+    files = [args.demo / "eval" / "pqpp_all" / view / MERGED for view in VIEWS.values()]
+    if not all(f.exists() for f in files):
+        print(f"no demo PQPP evaluation under {args.demo / 'eval' / 'pqpp_all'}: run `make demo` first (skipped)")
+        return
+    demo_cfg = OmegaConf.load(args.demo / "runs" / "pqpp" / "config.yaml")
+    paths = [f"paths.data_dir={demo_cfg.paths.data_dir}", f"paths.output_dir={demo_cfg.paths.output_dir}"]
+    runs = [(*read_shard(f), compose_config("eval", [*paths, f"dataset={view}"]).dataset)
+            for f, view in zip(files, VIEWS.values(), strict=True)]
+    grid = PQPPConfig(**OmegaConf.to_container(compose_config("eval", paths).eval.pqpp, resolve=True))
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        rows.append(["box-only (no points)", *score(runs, None, 1, tmp)])
+        for f in (0.0, 0.25, 0.35, 0.5, 0.75, 1.0):
+            rows.append([f"repaired f={f:g} (threshold {args.threshold:g})",
+                         *score(runs, repaired(args.threshold, f), args.seeds if 0 < f < 1 else 1, tmp)])
+        for e in (0.0, 0.05, 0.1, 0.15, 0.2, 0.3):
+            rows.append([f"noisy grid e={e:g} ({grid.grid}x{grid.grid}, every point)",
+                         *score(runs, noisy_grid(grid, e), args.seeds if e else 1, tmp)])
+    columns = ["points", *(f"{v} {k}" for v in VIEWS for k in ("cIoU", "right"))]
+    print(f"PQPP's boxes from {args.demo}, re-segmented with points of known accuracy "
+          f"(mean of {args.seeds} draws where random)\n")
+    print(markdown_table(columns, rows, digits=3))
+    box = rows[0]
+    for i, view in enumerate(VIEWS):
+        beat = [r for r in rows[1:] if r[1 + 2 * i] > box[1 + 2 * i]]
+        least = min(beat, key=lambda r: r[2 + 2 * i], default=None)
+        print(f"{view}: box-only {box[1 + 2 * i]:.3f}; " + (
+            f"the least accurate points above it: {least[0]} ({least[2 + 2 * i]:.3f} right, cIoU "
+            f"{least[1 + 2 * i]:.3f})" if least else "no row above it"))
+
+
+if __name__ == "__main__":
+    main()
