@@ -67,8 +67,8 @@ def noisy_grid(grid: PQPPConfig, e: float) -> Answers:
     return answers
 
 
-def score(runs: list[tuple[dict, list, Any]], answers: Answers | None, seeds: int, tmp: Path) -> list[float]:
-    """Mean RES / GRES cIoU and share of points right over ``seeds`` draws (one if ``answers`` is deterministic)."""
+def score(runs: list[tuple[dict, list, Any]], answers: Answers | None, seeds: int, tmp: Path) -> list[float | None]:
+    """Per view, mean cIoU and share of points right (None without points) over ``seeds`` draws."""
     segmenter = GrabCutSegmenter()
     out = []
     for header, records, dataset in runs:
