@@ -13,6 +13,10 @@ points of a known accuracy:
 * **noisy grid**: the 5x5 grid the model was asked about, every point kept, answered by
   the GT masks with each answer flipped with probability e. e = 0 is the demo's "PQPP
   boxes + GT point answers" row.
+* **exact shape in its own box**: every asked point answered as if the object's exact
+  shape filled the model's box (the GT mask at the same position relative to the GT box):
+  the best a points round can do by reasoning from the box it wrote instead of reading
+  the point in the image.
 
 Stochastic rows are averaged over ``--seeds`` draws. Without the demo's outputs it says
 so and exits 0 (``make bench`` on a fresh clone), since training them is the demo's job.
@@ -67,6 +71,26 @@ def noisy_grid(grid: PQPPConfig, e: float) -> Answers:
     return answers
 
 
+def shape_in_own_box(r: dict[str, Any], s: Any, rng: np.random.Generator) -> Prompts:
+    """Every asked point answered as if the object's exact shape filled the model's own box:
+    the GT mask at the same position relative to the GT box of the target it overlaps most
+    (the first if none), as a points round that trusts its box would answer."""
+    points, labels = [], []
+    for b, p in zip(np.asarray(r["boxes"], float), r["points"], strict=True):
+        p = np.asarray(p, np.int64).reshape(-1, 2)
+        overlap = [np.prod(np.clip(np.minimum(b[2:], g[2:]) - np.maximum(b[:2], g[:2]), 0, None)) for g in s.boxes]
+        if not overlap:  # a no-target sentence: no shape to place
+            labels.append(np.zeros(len(p), np.int64))
+        else:
+            k = int(np.argmax(overlap))
+            mask, g = s.masks[k], s.boxes[k]
+            rel = (p + 0.5 - b[:2]) / (b[2:] - b[:2])
+            xy = np.clip((g[:2] + rel * (g[2:] - g[:2])).astype(np.int64), 0, [mask.shape[1] - 1, mask.shape[0] - 1])
+            labels.append(mask[xy[:, 1], xy[:, 0]].astype(np.int64))
+        points.append(p)
+    return points, labels, [np.ones(len(p)) for p in points]
+
+
 def score(runs: list[tuple[dict, list, Any]], answers: Answers | None, seeds: int, tmp: Path) -> list[float | None]:
     """Per view, mean cIoU and share of points right (None without points) over ``seeds`` draws."""
     segmenter = GrabCutSegmenter()
@@ -108,6 +132,7 @@ def main() -> None:
         for e in (0.0, 0.05, 0.1, 0.15, 0.2, 0.3):
             rows.append([f"noisy grid e={e:g} ({grid.grid}x{grid.grid}, every point)",
                          *score(runs, noisy_grid(grid, e), args.seeds if e else 1, tmp)])
+        rows.append(["exact shape in its own box (the grid, every point)", *score(runs, shape_in_own_box, 1, tmp)])
     columns = ["points", *(f"{v} {k}" for v in VIEWS for k in ("cIoU", "right"))]
     print(f"PQPP's boxes from {args.demo}, re-segmented with points of known accuracy "
           f"(mean of {args.seeds} draws where random)\n")
