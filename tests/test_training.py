@@ -189,6 +189,16 @@ def test_refuses_to_overwrite_a_run(workspace, tmp_path):
         train(_cfg(workspace, tmp_path / "run", "train.max_steps=1"))
 
 
+def test_missing_labels_name_the_job_and_a_switched_off_source_needs_none(workspace, tmp_path):
+    missing = tmp_path / "labels" / "pqpp" / "synthetic_gres" / "train" / "labels.jsonl"
+    expected = r"dataset=synthetic_gres split=train\n.*data\.sources\.grefcoco\.ratio=0"
+    with pytest.raises(FileNotFoundError, match=expected):
+        train(_cfg(workspace, tmp_path / "a", "train.max_steps=1", f"data.sources.grefcoco.path={missing}"))
+    hist = train(_cfg(workspace, tmp_path / "b", "train.max_steps=1", "save_final=false",
+                      f"data.sources.grefcoco.path={missing}", "data.sources.grefcoco.ratio=0"))
+    assert len(hist) == 1 and np.isfinite(hist[0]["loss"])
+
+
 def _losses(run_dir: Path) -> dict[int, float]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():

@@ -34,14 +34,22 @@ class Example:
     answer: str | None = None
 
 
-def label_examples(path: str | Path, variant: str) -> list[Example]:
-    """One example per sentence of a merged ``labels.jsonl`` (its header must match ``variant``)."""
-    if not Path(path).exists():
+def label_examples(path: str | Path, variant: str, source: str = "<source>") -> list[Example]:
+    """One example per sentence of a merged ``labels.jsonl`` (its header must match ``variant``).
+
+    A missing file raises an error naming the label job that writes it (the dataset and
+    split read from gen_labels' layout ``.../<dataset>/<split>/labels.jsonl``) and how to
+    train without ``source`` instead.
+    """
+    path = Path(path)
+    if not path.exists():
+        dataset, split = path.parent.parent.name, path.parent.name
         raise FileNotFoundError(
-            f"label file {path} is missing; generate it with\n"
-            f"  python scripts/gen_labels.py +exp={variant} dataset=<the dataset it belongs to>"
+            f"label file {path} (training source {source!r}) is missing; generate it with\n"
+            f"  python scripts/gen_labels.py +exp={variant} dataset={dataset} split={split}\n"
+            f"or train without this source: data.sources.{source}.ratio=0"
         )
-    header, records = read_shard(Path(path))
+    header, records = read_shard(path)
     if header.get("variant") != variant:
         raise ValueError(f"{path} holds {header.get('variant')} labels but this run trains {variant}")
     out = []

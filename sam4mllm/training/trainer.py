@@ -207,8 +207,10 @@ class Trainer:
     def _dataset(self) -> MixtureDataset:
         sources = {}
         for name, src in self.cfg.data.sources.items():
+            if float(src.ratio) == 0:  # switched off: draws nothing, so its files need not exist
+                continue
             if src.kind == "labels":
-                examples = label_examples(src.path, self.cfg.variant)
+                examples = label_examples(src.path, self.cfg.variant, name)
             else:
                 examples = vqa_examples(build_dataset(src.dataset, src.dataset.split))
             sources[name] = (examples, float(src.ratio))
