@@ -190,13 +190,20 @@ def test_refuses_to_overwrite_a_run(workspace, tmp_path):
 
 
 def test_missing_labels_name_the_job_and_a_switched_off_source_needs_none(workspace, tmp_path):
+    from sam4mllm.training.data import build_mixture
+
+    cfg = workspace("train", "model=tiny_qwen2vl", "+exp=pqpp")
+    full = build_mixture(cfg.data.sources, None, "pqpp")
     missing = tmp_path / "labels" / "pqpp" / "synthetic_gres" / "train" / "labels.jsonl"
+    cfg.data.sources.grefcoco.path = str(missing)
     expected = r"dataset=synthetic_gres split=train\n.*data\.sources\.grefcoco\.ratio=0"
     with pytest.raises(FileNotFoundError, match=expected):
-        train(_cfg(workspace, tmp_path / "a", "train.max_steps=1", f"data.sources.grefcoco.path={missing}"))
-    hist = train(_cfg(workspace, tmp_path / "b", "train.max_steps=1", "save_final=false",
-                      f"data.sources.grefcoco.path={missing}", "data.sources.grefcoco.ratio=0"))
-    assert len(hist) == 1 and np.isfinite(hist[0]["loss"])
+        build_mixture(cfg.data.sources, None, "pqpp")
+    cfg.data.sources.grefcoco.ratio = 0
+    off = build_mixture(cfg.data.sources, None, "pqpp")
+    assert sorted(off.sources) == ["refcoco", "vqav2"] and len(full.sources) == 3
+    assert {name for name, _ in off.items} == {"refcoco", "vqav2"}
+    assert len(off) == len(full) - len(full.sources["grefcoco"][0])
 
 
 def _losses(run_dir: Path) -> dict[int, float]:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sam4mllm.data import build_dataset
 from sam4mllm.data.base import load_image
 from sam4mllm.dialogs import Dialog, point_turns, ppg_dialog, pqpp_dialog, vqa_dialog
 from sam4mllm.models.adapter import Adapter, Encoded, SampleTooLongError
@@ -119,3 +120,17 @@ class MixtureDataset(torch.utils.data.Dataset):
         self.stats["dropped_turns"] += enc.dropped_turns
         self.stats["truncated_samples"] += enc.dropped_turns > 0
         return enc
+
+
+def build_mixture(sources: Any, adapter: Adapter, variant: str, pqpp_mode: str = "per_point",
+                  seed: int = 0) -> MixtureDataset:
+    """The training mixture of a ``data.sources`` config. A source switched off (ratio 0)
+    draws nothing, so it is not loaded and its files need not exist."""
+    loaded = {}
+    for name, src in sources.items():
+        if float(src.ratio) == 0:
+            continue
+        examples = (label_examples(src.path, variant, name) if src.kind == "labels"
+                    else vqa_examples(build_dataset(src.dataset, src.dataset.split)))
+        loaded[name] = (examples, float(src.ratio))
+    return MixtureDataset(loaded, adapter, variant, pqpp_mode, seed)

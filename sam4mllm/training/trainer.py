@@ -26,8 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from sam4mllm.data import build_dataset
-from sam4mllm.training.data import MixtureDataset, label_examples, vqa_examples
+from sam4mllm.training.data import build_mixture
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +180,8 @@ class Trainer:
         # init seeded before it depended on whether this process had built or loaded it.
         self._seed(self.t.seed)
         self.counts = apply_finetuning(self.adapter, self.t)
-        self.data = self._dataset()
+        self.data = build_mixture(self.cfg.data.sources, self.adapter, self.cfg.variant, self.cfg.pqpp_mode,
+                                  self.t.seed)
         # Accumulation windows may span epochs (as DeepSpeed counts micro-steps), so the
         # total counts micro-batches over all epochs.
         micro_per_epoch = math.ceil(self._rank_len() / self.t.micro_batch_size)
@@ -203,18 +203,6 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-
-    def _dataset(self) -> MixtureDataset:
-        sources = {}
-        for name, src in self.cfg.data.sources.items():
-            if float(src.ratio) == 0:  # switched off: draws nothing, so its files need not exist
-                continue
-            if src.kind == "labels":
-                examples = label_examples(src.path, self.cfg.variant, name)
-            else:
-                examples = vqa_examples(build_dataset(src.dataset, src.dataset.split))
-            sources[name] = (examples, float(src.ratio))
-        return MixtureDataset(sources, self.adapter, self.cfg.variant, self.cfg.pqpp_mode, self.t.seed)
 
     def _rank_len(self) -> int:
         return math.ceil(len(self.data) / world())
