@@ -199,6 +199,9 @@ def test_missing_labels_name_the_job_and_a_switched_off_source_needs_none(worksp
     expected = r"dataset=synthetic_gres split=train\n.*data\.sources\.grefcoco\.ratio=0"
     with pytest.raises(FileNotFoundError, match=expected):
         build_mixture(cfg.data.sources, None, "pqpp")
+    cfg.data.sources.grefcoco.path = str(tmp_path / "mine.jsonl")  # not gen_labels' layout: no guessed names
+    with pytest.raises(FileNotFoundError, match="dataset=<its dataset> split=<its split>"):
+        build_mixture(cfg.data.sources, None, "pqpp")
     cfg.data.sources.grefcoco.ratio = 0
     off = build_mixture(cfg.data.sources, None, "pqpp")
     assert sorted(off.sources) == ["refcoco", "vqav2"] and len(full.sources) == 3

@@ -39,12 +39,13 @@ def label_examples(path: str | Path, variant: str, source: str = "<source>") -> 
     """One example per sentence of a merged ``labels.jsonl`` (its header must match ``variant``).
 
     A missing file raises an error naming the label job that writes it (the dataset and
-    split read from gen_labels' layout ``.../<dataset>/<split>/labels.jsonl``) and how to
-    train without ``source`` instead.
+    split read from gen_labels' layout ``.../<variant>/<dataset>/<split>/labels.jsonl``)
+    and how to train without ``source`` instead.
     """
     path = Path(path)
     if not path.exists():
-        dataset, split = path.parent.parent.name, path.parent.name
+        laid_out = len(path.parents) > 3 and path.parents[2].name == variant
+        dataset, split = (path.parent.parent.name, path.parent.name) if laid_out else ("<its dataset>", "<its split>")
         raise FileNotFoundError(
             f"label file {path} (training source {source!r}) is missing; generate it with\n"
             f"  python scripts/gen_labels.py +exp={variant} dataset={dataset} split={split}\n"
