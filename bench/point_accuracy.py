@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from sam4mllm.demo import VIEWS, compose_config
-from sam4mllm.evaluate import MERGED, Prompts, resegment
+from sam4mllm.evaluate import MERGED, Prompts, confident_answers, resegment
 from sam4mllm.inference import PQPPConfig, sample_points
 from sam4mllm.report import markdown_table
-from sam4mllm.sam.grabcut import GrabCutSegmenter
 from sam4mllm.shards import read_shard
 
 Answers = Callable[[dict[str, Any], Any, np.random.Generator], Prompts]
@@ -48,15 +48,10 @@ def repaired(threshold: float, f: float) -> Answers:
     """The model's answers above ``threshold``, each wrong one set right with probability ``f``."""
     def answers(r: dict[str, Any], s: Any, rng: np.random.Generator) -> Prompts:
         gt = s.union_mask()
-        points, labels, confidences = [], [], []
-        for p, lb, c in zip(r["points"], r["labels"], r["confidences"], strict=True):
-            keep = np.asarray(c, float) > threshold
-            p, lb = np.asarray(p, np.int64).reshape(-1, 2)[keep], np.asarray(lb, np.int64)[keep]
-            truth = gt[p[:, 1], p[:, 0]].astype(np.int64)
-            fix = (lb != truth) & (rng.random(len(lb)) < f)
-            points.append(p)
-            labels.append(np.where(fix, truth, lb))
-            confidences.append(np.asarray(c, float)[keep])
+        points, labels, confidences = confident_answers(r, threshold)
+        for i, (p, lb) in enumerate(zip(points, labels, strict=True)):
+            truth = gt[p[:, 1].astype(int), p[:, 0].astype(int)].astype(np.int64)
+            labels[i] = np.where((lb != truth) & (rng.random(len(lb)) < f), truth, lb)
         return points, labels, confidences
     return answers
 
@@ -91,9 +86,9 @@ def shape_in_own_box(r: dict[str, Any], s: Any, rng: np.random.Generator) -> Pro
     return points, labels, [np.ones(len(p)) for p in points]
 
 
-def score(runs: list[tuple[dict, list, Any]], answers: Answers | None, seeds: int, tmp: Path) -> list[float | None]:
+def score(runs: list[tuple[dict, list, Any]], segmenter: Any, answers: Answers | None, seeds: int,
+          tmp: Path) -> list[float | None]:
     """Per view, mean cIoU and share of points right (None without points) over ``seeds`` draws."""
-    segmenter = GrabCutSegmenter()
     out = []
     for header, records, dataset in runs:
         cious, rights = [], []
@@ -120,19 +115,21 @@ def main() -> None:
     paths = [f"paths.data_dir={demo_cfg.paths.data_dir}", f"paths.output_dir={demo_cfg.paths.output_dir}"]
     runs = [(*read_shard(f), compose_config("eval", [*paths, f"dataset={view}"]).dataset)
             for f, view in zip(files, VIEWS.values(), strict=True)]
-    grid = PQPPConfig(**OmegaConf.to_container(compose_config("eval", paths).eval.pqpp, resolve=True))
+    eval_cfg = compose_config("eval", paths)
+    grid = PQPPConfig(**OmegaConf.to_container(eval_cfg.eval.pqpp, resolve=True))
+    seg = instantiate(eval_cfg.sam)  # the segmenter the demo evaluates with
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        rows.append(["box-only (no points)", *score(runs, None, 1, tmp)])
+        rows.append(["box-only (no points)", *score(runs, seg, None, 1, tmp)])
         for f in (0.0, 0.25, 0.35, 0.5, 0.75, 1.0):
             rows.append([f"repaired f={f:g} (threshold {args.threshold:g})",
-                         *score(runs, repaired(args.threshold, f), args.seeds if 0 < f < 1 else 1, tmp)])
+                         *score(runs, seg, repaired(args.threshold, f), args.seeds if 0 < f < 1 else 1, tmp)])
         for e in (0.0, 0.05, 0.1, 0.15, 0.2, 0.3):
             rows.append([f"noisy grid e={e:g} ({grid.grid}x{grid.grid}, every point)",
-                         *score(runs, noisy_grid(grid, e), args.seeds if e else 1, tmp)])
-        rows.append(["exact shape in its own box (the grid, every point)", *score(runs, shape_in_own_box, 1, tmp)])
+                         *score(runs, seg, noisy_grid(grid, e), args.seeds if e else 1, tmp)])
+        rows.append(["exact shape in its own box (the grid, every point)", *score(runs, seg, shape_in_own_box, 1, tmp)])
     columns = ["points", *(f"{v} {k}" for v in VIEWS for k in ("cIoU", "right"))]
     print(f"PQPP's boxes from {args.demo}, re-segmented with points of known accuracy "
           f"(mean of {args.seeds} draws where random)\n")

@@ -211,6 +211,18 @@ def resegment(header: dict[str, Any], records: list[dict[str, Any]], out_dir: st
     return metrics
 
 
+def confident_answers(record: dict[str, Any], threshold: float) -> Prompts:
+    """A PQPP record's points, labels and confidences, each box's kept only where the answer
+    is more confident than ``threshold`` (the predictor's filter)."""
+    points, labels, confidences = [], [], []
+    for p, lb, c in zip(record["points"], record["labels"], record["confidences"], strict=True):
+        keep = np.asarray(c, float) > threshold
+        points.append(np.asarray(p, float).reshape(-1, 2)[keep])
+        labels.append(np.asarray(lb, np.int64)[keep])
+        confidences.append(np.asarray(c, float)[keep])
+    return points, labels, confidences
+
+
 def rethreshold(predictions: str | Path, out_dir: str | Path, dataset_cfg: Any, segmenter: Any, threshold: float,
                 overlays: int = 0) -> dict[str, Any]:
     """A PQPP evaluation at another point-filter threshold (paper Table 6a) without the MLLM.
@@ -228,17 +240,8 @@ def rethreshold(predictions: str | Path, out_dir: str | Path, dataset_cfg: Any, 
                          f"threshold {threshold} needs the ones it dropped: evaluate with "
                          f"eval.pqpp.threshold={threshold} or lower (0 keeps every answer)")
 
-    def kept(r: dict[str, Any], sample: Any) -> Prompts:
-        points, labels, confidences = [], [], []
-        for p, lb, c in zip(r["points"], r["labels"], r["confidences"], strict=True):
-            keep = np.asarray(c, float) > threshold
-            points.append(np.asarray(p, float).reshape(-1, 2)[keep])
-            labels.append(np.asarray(lb, np.int64)[keep])
-            confidences.append(np.asarray(c, float)[keep])
-        return points, labels, confidences
-
-    return resegment({**header, "pqpp_threshold": threshold}, records, out_dir, dataset_cfg, segmenter, kept,
-                     overlays)
+    return resegment({**header, "pqpp_threshold": threshold}, records, out_dir, dataset_cfg, segmenter,
+                     lambda r, sample: confident_answers(r, threshold), overlays)
 
 
 def threshold_sweep(cfg: Any, segmenter: Any = None) -> list[dict[str, Any]]:
