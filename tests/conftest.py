@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import os
 
+# Under xdist each worker shares the cores with the others (`make test`: 2 workers, 2
+# cores); torch's default of one OpenMP thread per core per process oversubscribes them,
+# and spinning threads then slowed the suite from 8.5 to 11 min. One thread per worker
+# (inherited by the training and evaluation processes tests launch) unless the user sets it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 
 from sam4mllm.data.synthetic import SyntheticConfig, SyntheticReport, generate_synthetic
