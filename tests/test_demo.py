@@ -19,7 +19,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sam4mllm import CONFIG_DIR
-from sam4mllm.demo import COLUMNS, run_demo
+from sam4mllm.demo import COLUMNS, check_targets, run_demo
 
 
 def _cfg(tmp_path, out):
@@ -47,6 +47,22 @@ def test_demo_pipeline_runs_end_to_end_and_is_deterministic(tmp_path, capsys):
     # Same seed, fresh run folder (training reused only through the run folder): the same table.
     again = run_demo(_cfg(tmp_path, tmp_path / "demo_b"))
     assert json.dumps(again) == json.dumps(rows)
+
+
+def test_target_checks_judge_each_claim_in_both_views_against_the_best_trivial_baseline_of_each():
+    def row(name, res, gres, n_acc=1.0):
+        return [name, res, 0.0, gres, 0.0, n_acc, 0.0, 0.0]
+
+    rows = [row("whole image", 0.1, 0.5), row("centre box -> segmenter", 0.6, 0.3),
+            row("box-only (PQPP model, round 1)", 0.7, 0.55), row("SAM4MLLM-PPG", 0.8, 0.6, 0.9),
+            row("SAM4MLLM-PQPP", 0.9, 0.7)]
+    assert [ok for ok, _ in check_targets(rows, 0.7, 0.8)] == [True] * 6
+    rows[2][3] = 0.45  # box-only's GRES: above the centre box, below the whole image (GRES's best)
+    rows[3][5] = 0.75  # PPG's N-acc
+    rows[4][1] = 0.65  # PQPP's RES: below the floor, PPG and box-only
+    got = check_targets(rows, 0.7, 0.8)
+    assert [ok for ok, _ in got] == [False, False, False, True, False, False]
+    assert got[5][1] == "box-only > best trivial baseline: RES 0.700 vs 0.600, GRES 0.450 vs 0.500"
 
 
 def _fake_launcher(launched: list):
