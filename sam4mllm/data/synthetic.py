@@ -53,6 +53,7 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.09, "big": 0.15}  # radius as a fraction of min(H, W)
 CATEGORY_IDS = {s: i + 1 for i, s in enumerate(SHAPES)}
 BACKGROUND = (225, 225, 225)
+OCCLUDER = (70, 70, 70)  # not a palette colour: an occluder is never a referent
 REF_SPLITS = ("train", "val", "testA", "testB")
 REASON_SPLITS = ("train", "val", "test")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
@@ -86,6 +87,10 @@ class SyntheticConfig:
     ignore_fraction: float = 0.3
     # Object radius per size word, as a fraction of min(H, W).
     radius: dict[str, float] = field(default_factory=lambda: dict(SIZES))
+    # Radius of an unannotated grey disc over each refer object's outline, as a fraction of the
+    # object's radius (0: none). It sits inside the object's box, so the box alone no longer
+    # gives the mask and points have something to fix (the paper's premise, its §1).
+    occluder: float = 0.0
 
     def __post_init__(self) -> None:
         # Hydra passes DictConfigs; keep plain dicts so the config hashes and serialises.
@@ -97,19 +102,24 @@ class SyntheticConfig:
         self.radius = {str(k): float(v) for k, v in dict(self.radius).items()}
         if set(self.radius) != set(SIZES) or not all(0 < r < 0.5 for r in self.radius.values()):
             raise ValueError(f"radius needs a fraction in (0, 0.5) for each of {sorted(SIZES)}, got {self.radius}")
+        if not 0 <= self.occluder <= 1:
+            raise ValueError(f"occluder is a fraction of the object radius in [0, 1], got {self.occluder}")
 
     def digest(self) -> str:
         """Short hash of the config and format version (stored in the manifest)."""
         fields = asdict(self)
-        if fields["radius"] == SIZES:  # the default leaves benchmarks made before the field valid
+        if fields["radius"] == SIZES:  # defaults leave benchmarks made before their fields valid
             del fields["radius"]
+        if fields["occluder"] == 0:
+            del fields["occluder"]
         blob = json.dumps({"v": FORMAT_VERSION, **fields}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
 @dataclass
 class Obj:
-    """One shape of a scene; ``polygon`` is a flat ``[x1, y1, ...]`` list, ``mask`` its raster."""
+    """One shape of a scene; ``polygon`` is a flat ``[x1, y1, ...]`` list and ``mask`` its raster,
+    less what an occluder hides (then ``polygon`` is None: the visible part is written as RLE)."""
 
     shape: str
     color: str
@@ -117,7 +127,7 @@ class Obj:
     cx: float
     cy: float
     r: float
-    polygon: list[float]
+    polygon: list[float] | None
     mask: np.ndarray
 
     def phrase(self, *attrs: str) -> str:
@@ -162,9 +172,11 @@ def labelme_raster(polygon: list[float], h: int, w: int) -> np.ndarray:
 
 
 def make_scene(
-    rng: np.random.Generator, cfg: SyntheticConfig, raster: Callable[[list[float], int, int], np.ndarray]
+    rng: np.random.Generator, cfg: SyntheticConfig, raster: Callable[[list[float], int, int], np.ndarray],
+    occlude: bool = False,
 ) -> Scene:
-    """Place non-overlapping shapes at random and render them on a flat background."""
+    """Place non-overlapping shapes at random and render them on a flat background; with
+    ``occlude`` and ``cfg.occluder``, a grey disc over each outline, towards a box corner."""
     h, w = cfg.height, cfg.width
     objects: list[Obj] = []
     for _ in range(int(rng.integers(cfg.min_objects, cfg.max_objects + 1))):
@@ -183,7 +195,26 @@ def make_scene(
     image[:] = BACKGROUND
     for o in objects:
         image[o.mask] = COLORS[o.color]
+    if occlude and cfg.occluder > 0:  # drawn after the shapes, so a benchmark without them is unchanged
+        yy, xx = np.mgrid[:h, :w]
+        for o in list(objects):
+            x, y = _outline_point(o, math.radians(45 + 90 * int(rng.integers(4)) + rng.uniform(-20, 20)))
+            disc = (xx + 0.5 - x) ** 2 + (yy + 0.5 - y) ** 2 <= (cfg.occluder * o.r) ** 2
+            image[disc] = OCCLUDER
+            for hidden in objects:
+                if (hidden.mask & disc).any():
+                    hidden.mask, hidden.polygon = hidden.mask & ~disc, None
     return Scene(image, objects)
+
+
+def _outline_point(o: Obj, angle: float) -> tuple[float, float]:
+    """Where a ray from the object's centre at ``angle`` leaves its mask (pixel coordinates)."""
+    h, w = o.mask.shape
+    dx, dy = math.cos(angle), math.sin(angle)
+    t = 0.0
+    while 0 <= (x := o.cx + t * dx) < w and 0 <= (y := o.cy + t * dy) < h and o.mask[int(y), int(x)]:
+        t += 0.25
+    return o.cx + t * dx, o.cy + t * dy
 
 
 # ---------------------------------------------------------------------- expressions
@@ -327,7 +358,7 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
 def _segmentation(obj: Obj, ann_id: int, h: int, w: int) -> Any:
     # Exercise every COCO encoding the loaders must read: polygons, compressed and raw RLE.
     kind = ann_id % 5
-    if kind == 3:
+    if kind == 3 or (obj.polygon is None and kind != 4):
         return encode_rle(obj.mask)
     if kind == 4:
         return encode_uncompressed_rle(obj.mask)
@@ -389,7 +420,7 @@ def _write(root: Path, cfg: SyntheticConfig) -> SyntheticReport:
         c_gref = {"sentences": 0, "multi_target": 0, "no_target": 0}
         for k in range(cfg.images.get(split, 0)):
             rng = _rng(cfg.seed, s_idx, k)
-            scene = make_scene(rng, cfg, coco_raster)
+            scene = make_scene(rng, cfg, coco_raster, occlude=True)  # ReasonSeg's labelme polygons hold no holes
             image_id += 1
             scenes[image_id] = scene
             file_name = f"COCO_train2014_{image_id:012d}.png"
