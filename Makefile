@@ -21,7 +21,8 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check sam4mllm scripts tests bench
 
-# Two workers, one test file each at a time (files share session fixtures): 10 min instead of 12 on 2 cores.
+# Two workers, one test file each at a time (files share session fixtures), one OpenMP thread each
+# (tests/conftest.py): 4.5-7 min on 2 cores.
 test: $(STAMP) lint
 	$(PY) -m pytest -q -n 2 --dist loadfile
 

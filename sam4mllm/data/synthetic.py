@@ -197,7 +197,7 @@ def make_scene(
         image[o.mask] = COLORS[o.color]
     if occlude and cfg.occluder > 0:  # drawn after the shapes, so a benchmark without them is unchanged
         yy, xx = np.mgrid[:h, :w]
-        for o in list(objects):
+        for o in objects:
             x, y = _outline_point(o, math.radians(45 + 90 * int(rng.integers(4)) + rng.uniform(-20, 20)))
             disc = (xx + 0.5 - x) ** 2 + (yy + 0.5 - y) ** 2 <= (cfg.occluder * o.r) ** 2
             image[disc] = OCCLUDER
