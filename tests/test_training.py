@@ -300,6 +300,17 @@ def test_strip_local_rank(monkeypatch):
     assert strip_local_rank(["t.py", "--local_rank", "0", "a=b"]) == ["t.py", "a=b"]
 
 
+def test_auto_device_is_this_ranks_gpu_else_the_cpu(monkeypatch):
+    from sam4mllm.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # as a launcher sets it for the fourth process of a node
+    assert resolve_device("auto") == torch.device("cuda", 3)
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
 def _deepspeed(workspace, run_dir, n_ranks: int, *extra: str) -> subprocess.CompletedProcess:
     from sam4mllm.training.launch import free_port
 

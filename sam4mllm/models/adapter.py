@@ -19,6 +19,7 @@ import torch
 
 from sam4mllm.codec import Point, PromptFormat, TargetPrompt, get_format
 from sam4mllm.coords import CoordSystem, Grid, ResizedPixels, Size
+from sam4mllm.device import resolve_device
 from sam4mllm.dialogs import NO, YES, Dialog, shared_stem
 
 log = logging.getLogger(__name__)
@@ -91,13 +92,14 @@ class Adapter:
         family: a key of :data:`FAMILIES`.
         path: local model folder (``save_pretrained`` layout); nothing is fetched.
         dtype: ``float32``, ``bfloat16`` or ``float16``.
+        device: ``auto`` (this rank's GPU if there is one, else the CPU), ``cpu`` or ``cuda:N``.
         trust_remote_code: required (and only honoured) for families that need it;
             off unless the user turns it on.
         max_length: longest tokenised dialog; longer ones lose whole trailing turns.
         prompt_format: overrides the family's box/point text format.
     """
 
-    def __init__(self, family: str, path: str | Path, dtype: str = "float32", device: str = "cpu",
+    def __init__(self, family: str, path: str | Path, dtype: str = "float32", device: str = "auto",
                  trust_remote_code: bool = False, max_length: int = 2048, prompt_format: str | None = None,
                  attn_implementation: str | None = None) -> None:
         if family not in FAMILIES:
@@ -130,7 +132,7 @@ class Adapter:
         if attn:
             model_kw["attn_implementation"] = attn
         processor = AutoProcessor.from_pretrained(self.path, **kw)
-        model = AutoModelForImageTextToText.from_pretrained(self.path, **model_kw).to(device)
+        model = AutoModelForImageTextToText.from_pretrained(self.path, **model_kw).to(resolve_device(device))
         return processor, model
 
     def _single_token(self, text: str) -> int:
@@ -321,7 +323,7 @@ class QwenVLChatAdapter(Adapter):
 
         kw: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
         tok = AutoTokenizer.from_pretrained(self.path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=DTYPES[dtype], **kw).to(device)
+        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=DTYPES[dtype], **kw).to(resolve_device(device))
         self._image_dir = Path(self.path) / ".sam4mllm_images"
         return tok, model
 

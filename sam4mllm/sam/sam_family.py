@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sam4mllm.device import resolve_device
 from sam4mllm.sam.base import CheckpointNotFoundError, Prediction, Prompts, Segmenter, select_masks
 
 SAM_CHECKPOINTS = {
@@ -99,7 +100,7 @@ def build_segment_anything(
     allow_random_init: bool = False,
     decoder_checkpoint: str | None = None,
     encoder: dict[str, Any] | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     multimask: bool = True,
     select: str = "best",
     batch_size: int = 64,
@@ -129,7 +130,7 @@ def build_segment_anything(
             load_weights(model, path)
     if decoder_checkpoint:
         load_weights(model.mask_decoder, Path(decoder_checkpoint))
-    model.to(device).eval()
+    model.to(resolve_device(device)).eval()
     return PredictorSegmenter(SamPredictor(model), f"segment_anything-{model_type}", multimask, select, batch_size)
 
 
@@ -138,7 +139,7 @@ def build_efficientvit_sam(
     checkpoint: str | None = None,
     allow_random_init: bool = False,
     decoder_checkpoint: str | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     multimask: bool = True,
     select: str = "best",
     batch_size: int = 64,
@@ -156,7 +157,7 @@ def build_efficientvit_sam(
         load_weights(model, path, unwrap="state_dict")
     if decoder_checkpoint:
         load_weights(model.mask_decoder, Path(decoder_checkpoint))
-    model.to(device).eval()
+    model.to(resolve_device(device)).eval()
     return PredictorSegmenter(EfficientViTSamPredictor(model), f"efficientvit_sam-{variant}", multimask, select,
                               batch_size)
 
@@ -173,14 +174,14 @@ class HFSamSegmenter(Segmenter):
         self._emb: torch.Tensor | None = None
 
     @classmethod
-    def from_pretrained(cls, path: str | None, device: str = "cpu", **kwargs: Any) -> HFSamSegmenter:
+    def from_pretrained(cls, path: str | None, device: str = "auto", **kwargs: Any) -> HFSamSegmenter:
         """Load model and processor from a local folder; no hub access."""
         from transformers import SamModel, SamProcessor
 
         if path is None or not (Path(path) / "config.json").exists():
             raise CheckpointNotFoundError("transformers SamModel", path, "facebook/sam-vit-huge (a local folder)",
                                           "the Hugging Face hub, saved with save_pretrained")
-        model = SamModel.from_pretrained(path, local_files_only=True).to(device)
+        model = SamModel.from_pretrained(path, local_files_only=True).to(resolve_device(device))
         return cls(model, SamProcessor.from_pretrained(path, local_files_only=True), **kwargs)
 
     @torch.inference_mode()

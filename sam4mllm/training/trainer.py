@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from sam4mllm.device import resolve_device
 from sam4mllm.training.data import build_mixture
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,6 @@ def world() -> int:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def _unlink_shm_buffer() -> None:
@@ -84,7 +79,7 @@ def _init_distributed(use_deepspeed: bool) -> None:
     elif not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend)
     if torch.cuda.is_available():
-        torch.cuda.set_device(_device())
+        torch.cuda.set_device(resolve_device())
     elif "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks share the cores: without this each takes them all and they thrash (4x slower here).
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world())))
@@ -228,7 +223,7 @@ class Trainer:
             self.engine, self.opt, _, self.sched = deepspeed.initialize(
                 model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
         else:
-            model.to(_device())
+            model.to(resolve_device())
             if world() > 1:
                 model = torch.nn.parallel.DistributedDataParallel(model)
             self.engine, self.opt, self.sched = model, opt, sched
@@ -248,7 +243,7 @@ class Trainer:
             yield (self.adapter.collate(items), sum(e.length for e in items)) if items else (None, 0)
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        dev = _device()
+        dev = resolve_device()
         batch = {k: v.to(dev) for k, v in batch.items()}
         if self.t.precision in ("bf16", "fp16"):
             dtype = torch.bfloat16 if self.t.precision == "bf16" else torch.float16
