@@ -141,7 +141,8 @@ def _launch_training(cfg: Any, variant: str, common: list[str], labels: list[Pat
     cmd = [*launcher, "scripts/train.py", *overrides] if cfg.deepspeed else [
         sys.executable, "scripts/train.py", "deepspeed=none", *overrides]
     print(f"\n== training {variant}: {' '.join(cmd[1:])}", flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    # The launcher counts CPU ranks, not GPUs, even where there are some (the ranks train on the CPU).
+    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     stamp_path.write_text(json.dumps(stamp))
     return run_dir
 
@@ -252,7 +253,8 @@ def run_demo(cfg: Any) -> list[list[Any]]:
     print("== 1. synthetic benchmark", flush=True)
     generate_synthetic(data_dir / "synthetic", instantiate(cfg.synthetic))
     paths = [f"paths.data_dir={data_dir}", f"paths.output_dir={cfg.paths.output_dir}"]
-    common = [*paths, f"model={cfg.backbone}", *cfg.model_overrides]
+    # The demo is the CPU proof and its table is the CPU's, also on a machine with GPUs.
+    common = [*paths, f"model={cfg.backbone}", "model.device=cpu", *cfg.model_overrides]
     with _workers(cfg.ranks) or contextlib.nullcontext() as pool:
         print("== 2. PPG and PQPP labels with the offline segmenter", flush=True)
         labels = {variant: [_sharded(generate_labels, "gen_labels", [

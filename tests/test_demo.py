@@ -98,7 +98,8 @@ def test_a_finished_run_is_reused_only_for_the_same_inputs(tmp_path, monkeypatch
     assert len(trained) == 4
 
 
-def test_the_demo_seed_reaches_labels_training_and_evaluation(tmp_path, monkeypatch):
+def test_the_demo_seed_and_the_cpu_reach_labels_training_and_evaluation(tmp_path, monkeypatch):
+    """The seed reaches every job; training and evaluation stay on the CPU even where CUDA exists."""
     import sam4mllm.demo as demo
 
     jobs, launched = [], []
@@ -117,7 +118,8 @@ def test_the_demo_seed_reaches_labels_training_and_evaluation(tmp_path, monkeypa
         raise Stop
 
     monkeypatch.setattr(demo, "_sharded", fake_sharded)
-    monkeypatch.setattr(demo.subprocess, "run", _fake_launcher(launched))
+    fake, envs = _fake_launcher(launched), []
+    monkeypatch.setattr(demo.subprocess, "run", lambda cmd, **kw: (envs.append(kw.get("env") or {}), fake(cmd, **kw)))
     monkeypatch.setattr(demo, "baselines", lambda segmenter, seed: {})
     monkeypatch.setattr(demo, "from_pqpp_boxes", stop)
     cfg = _cfg(tmp_path, tmp_path / "demo")
@@ -129,6 +131,9 @@ def test_the_demo_seed_reaches_labels_training_and_evaluation(tmp_path, monkeypa
     for name, overrides in jobs:
         composed = demo.compose_config(name, overrides)
         assert (composed.train.seed if name == "train" else composed.seed) == 7, name
+        if name != "gen_labels":
+            assert composed.model.device == "cpu", name
+    assert len(envs) == 2 and all(e.get("DS_ACCELERATOR") == "cpu" for e in envs)  # the launcher counts CPU ranks
 
 
 def test_a_stale_sharded_stage_is_cleared_only_after_every_shard_stopped(tmp_path, monkeypatch):

@@ -311,6 +311,14 @@ def test_auto_device_is_this_ranks_gpu_else_the_cpu(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu") and resolve_device("cuda:1") == torch.device("cuda", 1)
 
 
+def test_model_device_cpu_trains_on_the_cpu_even_where_cuda_is_available(workspace, tmp_path, monkeypatch):
+    """`model.device` says where the model trains (the demo pins it to the CPU); a trainer that
+    asked CUDA instead would fail here, where CUDA only pretends to be available."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    hist = train(_cfg(workspace, tmp_path / "run", "train.max_steps=1", "save_final=false", "model.device=cpu"))
+    assert hist[0]["loss"] == pytest.approx(GOLDEN[0], abs=1e-4)
+
+
 def _deepspeed(workspace, run_dir, n_ranks: int, *extra: str) -> subprocess.CompletedProcess:
     from sam4mllm.training.launch import free_port
 

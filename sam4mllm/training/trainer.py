@@ -60,11 +60,14 @@ def _unlink_shm_buffer() -> None:
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 
-def _init_distributed(use_deepspeed: bool) -> None:
+def _init_distributed(use_deepspeed: bool, device: torch.device) -> None:
     if int(os.environ.get("WORLD_SIZE", 1)) == 1 and not use_deepspeed:
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    on_gpu = device.type == "cuda"
+    backend = "nccl" if on_gpu else "gloo"
     if use_deepspeed:
+        if not on_gpu:  # model.device=cpu on a GPU machine: DeepSpeed would otherwise pick CUDA itself
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
         from sam4mllm.training.launch import env_tools_first, free_port
@@ -74,12 +77,12 @@ def _init_distributed(use_deepspeed: bool) -> None:
             os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                                "MASTER_PORT": str(free_port())})
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-        if not torch.cuda.is_available():
+        if not on_gpu:
             _unlink_shm_buffer()
     elif not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(resolve_device())
+    if on_gpu:
+        torch.cuda.set_device(device)
     elif "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks share the cores: without this each takes them all and they thrash (4x slower here).
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world())))
@@ -94,9 +97,9 @@ def _mean_across_ranks(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def peak_memory_mb() -> float:
+def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated, or the process's peak resident memory on the CPU."""
-    if torch.cuda.is_available():
+    if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -160,13 +163,14 @@ class Trainer:
         self.cfg, self.t = cfg, cfg.train
         self.run_dir = Path(cfg.run_dir)
         self.use_ds = bool(cfg.deepspeed.get("enabled", False))
+        self.device = resolve_device(cfg.model.get("device", "auto"))  # where the model trains, as it infers
         self.step = 0            # optimizer steps done
         self.epoch = 0
         self.micro = 0           # micro-batches consumed in the current epoch (this rank)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        _init_distributed(self.use_ds)
+        _init_distributed(self.use_ds, self.device)
         if self.run_dir.exists() and any(self.run_dir.iterdir()) and not self.cfg.resume:
             raise FileExistsError(f"{self.run_dir} exists; set resume=true to continue it or choose another run_dir")
         barrier()
@@ -223,7 +227,7 @@ class Trainer:
             self.engine, self.opt, _, self.sched = deepspeed.initialize(
                 model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
         else:
-            model.to(resolve_device())
+            model.to(self.device)
             if world() > 1:
                 model = torch.nn.parallel.DistributedDataParallel(model)
             self.engine, self.opt, self.sched = model, opt, sched
@@ -243,8 +247,7 @@ class Trainer:
             yield (self.adapter.collate(items), sum(e.length for e in items)) if items else (None, 0)
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        dev = resolve_device()
-        batch = {k: v.to(dev) for k, v in batch.items()}
+        batch = {k: v.to(self.device) for k, v in batch.items()}
         if self.t.precision in ("bf16", "fp16"):
             dtype = torch.bfloat16 if self.t.precision == "bf16" else torch.float16
             batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
@@ -284,7 +287,7 @@ class Trainer:
                 loss_mean, tok = _mean_across_ranks([float(np.mean(window)), float(tokens)])
                 dt = time.perf_counter() - t0
                 rec = {"step": self.step, "loss": loss_mean, "lr": float(self.sched.get_last_lr()[0]),
-                       "tokens_per_s": tok * world() / dt, "step_s": dt, "peak_mem_mb": peak_memory_mb(),
+                       "tokens_per_s": tok * world() / dt, "step_s": dt, "peak_mem_mb": peak_memory_mb(self.device),
                        "epoch": self.epoch}
                 history.append(rec)
                 self._log(rec)
