@@ -115,7 +115,8 @@ class Adapter:
             raise ValueError(f"{family} runs remote code from {self.path}; set model.trust_remote_code=true "
                              "only if you trust that folder")
         self.fmt: PromptFormat = get_format(prompt_format or self.spec.prompt_format)
-        self.processor, self.model = self._load(dtype, device, trust_remote_code, attn_implementation)
+        self.processor, self.model = self._load(dtype, resolve_device(device), trust_remote_code,
+                                                 attn_implementation)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.yes_id, self.no_id = self._single_token(YES), self._single_token(NO)
         self.end_id = self._single_token(self.spec.turn_end)
@@ -124,7 +125,7 @@ class Adapter:
         self._glue: tuple[str, str, str] | None = None
 
     # ----------------------------------------------------------------- loading
-    def _load(self, dtype: str, device: str, trust_remote_code: bool, attn: str | None) -> tuple[Any, Any]:
+    def _load(self, dtype: str, device: torch.device, trust_remote_code: bool, attn: str | None) -> tuple[Any, Any]:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         kw: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
@@ -132,7 +133,7 @@ class Adapter:
         if attn:
             model_kw["attn_implementation"] = attn
         processor = AutoProcessor.from_pretrained(self.path, **kw)
-        model = AutoModelForImageTextToText.from_pretrained(self.path, **model_kw).to(resolve_device(device))
+        model = AutoModelForImageTextToText.from_pretrained(self.path, **model_kw).to(device)
         return processor, model
 
     def _single_token(self, text: str) -> int:
@@ -318,12 +319,12 @@ class QwenVLChatAdapter(Adapter):
 
     IMAGE_PLACEHOLDER = "<|sam4mllm_image|>"
 
-    def _load(self, dtype: str, device: str, trust_remote_code: bool, attn: str | None) -> tuple[Any, Any]:
+    def _load(self, dtype: str, device: torch.device, trust_remote_code: bool, attn: str | None) -> tuple[Any, Any]:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         kw: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
         tok = AutoTokenizer.from_pretrained(self.path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=DTYPES[dtype], **kw).to(resolve_device(device))
+        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=DTYPES[dtype], **kw).to(device)
         self._image_dir = Path(self.path) / ".sam4mllm_images"
         return tok, model
 
