@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from sam4mllm import CONFIG_DIR
+from sam4mllm.config import build
 from sam4mllm.data import build_dataset
 from sam4mllm.data.synthetic import generate_synthetic
 from sam4mllm.evaluate import MERGED, evaluate, resegment, rethreshold
@@ -251,7 +251,7 @@ def run_demo(cfg: Any) -> list[list[Any]]:
     out.mkdir(parents=True, exist_ok=True)
     data_dir = Path(cfg.paths.data_dir)
     print("== 1. synthetic benchmark", flush=True)
-    generate_synthetic(data_dir / "synthetic", instantiate(cfg.synthetic))
+    generate_synthetic(data_dir / "synthetic", build(cfg.synthetic))
     paths = [f"paths.data_dir={data_dir}", f"paths.output_dir={cfg.paths.output_dir}"]
     # The demo is the CPU proof and its table is the CPU's, also on a machine with GPUs.
     common = [*paths, f"model={cfg.backbone}", "model.device=cpu", *cfg.model_overrides]
@@ -270,7 +270,7 @@ def run_demo(cfg: Any) -> list[list[Any]]:
         evaluated = [*common, f"seed={cfg.seed}"]
         asked = "joint" if cfg.pqpp_mode == "joint" else "per_point"  # branch-trained points are asked one by one
         eval_cfg = compose_config("eval", [*evaluated, *cfg.eval_overrides])  # what every evaluation shares
-        segmenter = instantiate(eval_cfg.sam)
+        segmenter = build(eval_cfg.sam)
         rows = [_row(name, *(score_baseline(d, predict) for d in datasets))
                 for name, predict in baselines(segmenter, cfg.seed).items()]
         # PQPP keeps every answer here; each threshold's result is then re-segmented from it.

@@ -22,6 +22,7 @@ import numpy as np
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from sam4mllm.config import build
 from sam4mllm.data import build_dataset
 from sam4mllm.data.errors import CorruptImageError
 from sam4mllm.data.masks import decode_segmentation, encode_rle
@@ -45,16 +46,14 @@ PRED_FORMAT, PRED_VERSION, MERGED = "sam4mllm-predictions", 1, "predictions.json
 
 def build_predictor(cfg: Any) -> Any:
     """The :class:`Sam4MLLM` of a config: backbone + trained weights + segmenter + round-2 settings."""
-    from hydra.utils import instantiate
-
     from sam4mllm.inference import PQPPConfig, Sam4MLLM
     from sam4mllm.models.merge import load_finetuned
 
-    adapter = instantiate(cfg.model)
+    adapter = build(cfg.model)
     if cfg.checkpoint:
         load_finetuned(adapter, cfg.checkpoint)
     pqpp = PQPPConfig(**OmegaConf.to_container(cfg.eval.pqpp, resolve=True))
-    return Sam4MLLM(adapter, instantiate(cfg.sam), cfg.variant, pqpp, cfg.eval.max_new_tokens, cfg.seed)
+    return Sam4MLLM(adapter, build(cfg.sam), cfg.variant, pqpp, cfg.eval.max_new_tokens, cfg.seed)
 
 
 def _checkpoint_stamp(checkpoint: str | None) -> list[tuple[str, int, int]]:
@@ -247,9 +246,7 @@ def rethreshold(predictions: str | Path, out_dir: str | Path, dataset_cfg: Any, 
 def threshold_sweep(cfg: Any, segmenter: Any = None) -> list[dict[str, Any]]:
     """:func:`rethreshold` of the evaluation in ``cfg.out_dir`` at each of ``cfg.eval.rethreshold``,
     into sibling folders ``thr<t>`` (the names of the Table 6 configs); their metrics."""
-    from hydra.utils import instantiate
-
-    segmenter = segmenter or instantiate(cfg.sam)
+    segmenter = segmenter or build(cfg.sam)
     out = Path(cfg.out_dir)
     return [{"threshold": t, **rethreshold(out / MERGED, out.parent / f"thr{t:g}", cfg.dataset, segmenter, t)}
             for t in cfg.eval.rethreshold]

@@ -25,6 +25,7 @@ import numpy as np
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from sam4mllm.config import build
 from sam4mllm.data import SegDataset, build_dataset
 from sam4mllm.data.errors import CorruptImageError
 from sam4mllm.sam.base import Segmenter
@@ -191,8 +192,6 @@ def generate_labels(cfg: Any, segmenter_factory: Callable[[], Segmenter] | None 
 
     Returns the merged ``labels.jsonl`` path, or ``None`` while other shards still run.
     """
-    from hydra.utils import instantiate
-
     if cfg.variant not in ("ppg", "pqpp"):
         raise ValueError(f"variant must be ppg or pqpp (use +exp=ppg or +exp=pqpp), got {cfg.variant!r}")
     ds = build_dataset(cfg.dataset, cfg.split)
@@ -202,7 +201,7 @@ def generate_labels(cfg: Any, segmenter_factory: Callable[[], Segmenter] | None 
         log.warning("%s/%s: %d entries skipped while loading: %s", cfg.dataset.name, cfg.split, n, reason)
     segmenter = None
     if cfg.variant == "ppg":
-        segmenter = segmenter_factory() if segmenter_factory else instantiate(cfg.sam)
+        segmenter = segmenter_factory() if segmenter_factory else build(cfg.sam)
     header = _header(cfg, segmenter.name if segmenter else "none", ds.fingerprint())
     index, count = shard_from_env(cfg.shard.index, cfg.shard.count)
     out_dir = Path(cfg.out_dir)

@@ -52,7 +52,9 @@ class ShardWriter:
 
     ``header`` must match the header already in the file (same config hash, shard and
     shard count); otherwise the file belongs to another run and ``FileExistsError`` is
-    raised rather than mixing outputs.
+    raised rather than mixing outputs. A file with no finished record yet is started
+    afresh under ``header``: a run that stopped before its first item (a checkpoint path
+    mistyped, say) left nothing to protect, and its fix changes the configuration.
     """
 
     def __init__(self, path: str | Path, header: dict[str, Any]) -> None:
@@ -61,15 +63,16 @@ class ShardWriter:
         self.records: list[dict[str, Any]] = []
         if self.path.exists():
             lines, good = _read_lines(self.path)
-            if lines and lines[0].get("header") != header:
+            self.records = lines[1:]
+            if self.records and lines[0].get("header") != header:
                 raise FileExistsError(
                     f"{self.path} was written by another configuration ({lines[0].get('header')}); "
                     "delete it or choose another output directory"
                 )
+        if self.records:
             with open(self.path, "r+b") as f:  # drop a line torn by a kill
                 f.truncate(good)
-            self.records = lines[1:]
-        if not self.records and (not self.path.exists() or self.path.stat().st_size == 0):
+        else:
             self.path.write_text(json.dumps({"header": header}) + "\n")
         self.done = {r["key"] for r in self.records}
         self._f = open(self.path, "a")  # noqa: SIM115 - closed in close()

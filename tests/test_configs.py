@@ -62,3 +62,20 @@ def test_dataset_configs_declare_their_splits():
             assert d.loader.dataset == d.name == name
             if d.official_counts:
                 assert set(d.official_counts) == set(d.splits)
+
+
+def test_build_keeps_missing_files_readable_and_config_mistakes_located(tmp_path):
+    """Hydra would fold the missing-dataset message (layout, fix) into a one-line repr."""
+    from hydra.errors import InstantiationException
+
+    from sam4mllm.config import build
+    from sam4mllm.data import DatasetNotFoundError
+
+    node = OmegaConf.create({"loader": {"_target_": "sam4mllm.data.refer.ReferDataset", "root": str(tmp_path),
+                                        "name": "refcocog", "split": "val", "image_dir": str(tmp_path),
+                                        "refs_file": "refs(umd).p"}})
+    with pytest.raises(DatasetNotFoundError) as err:
+        build(node.loader)
+    assert "\n  refer_seg/\n" in str(err.value)
+    with pytest.raises(InstantiationException, match="full_key: loader"):  # a TypeError keeps Hydra's pointer
+        build(node.loader, bogus=1)

@@ -237,6 +237,17 @@ def test_eval_script_as_typed_names_the_missing_data_and_the_fix(tmp_path):
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0
     assert "refs(umd).p" in r.stderr and "python scripts/prepare_data.py dataset=refcocog" in r.stderr
+    assert "Expected layout:\n<data_dir>/\n  refer_seg/" in r.stderr  # as lines, not a repr's escapes
+
+
+def test_evaluation_that_failed_before_its_first_sample_reruns_with_the_fix(workspace, tmp_path):
+    """A mistyped model path leaves a header-only shard; the corrected command must not be refused."""
+    out = tmp_path / "ev"
+    with pytest.raises(FileNotFoundError, match="no model folder"):
+        evaluate(_eval_cfg(workspace, out, "model=qwen2vl_7b", f"model.path={tmp_path / 'typo'}"))
+    assert shard_path(out, 0, 1).exists()
+    fixed = _run(_eval_cfg(workspace, out), Oracle())
+    assert fixed == _run(_eval_cfg(workspace, tmp_path / "clean"), Oracle())
 
 
 def test_rethresholding_an_evaluation_that_kept_every_answer_equals_evaluating_at_that_threshold(

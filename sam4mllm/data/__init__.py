@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hydra.utils import instantiate
-
+from sam4mllm.config import build
 from sam4mllm.data.base import Sample, SegDataset
 from sam4mllm.data.errors import CorruptImageError, DatasetNotFoundError
 
@@ -17,4 +16,4 @@ def build_dataset(dataset_cfg: Any, split: str | None = None) -> SegDataset:
     split = split or dataset_cfg.split
     if split not in dataset_cfg.splits:
         raise ValueError(f"{dataset_cfg.name} has no split {split!r}; choose one of {list(dataset_cfg.splits)}")
-    return instantiate(dataset_cfg.loader, split=split)
+    return build(dataset_cfg.loader, split=split)

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from sam4mllm import CONFIG_DIR
+from sam4mllm.config import build
 from sam4mllm.data import build_dataset
 from sam4mllm.data.synthetic import generate_synthetic
 from sam4mllm.report import markdown_table
@@ -42,7 +42,7 @@ def prepare_data(cfg: Any) -> dict[str, list[list[object]]]:
     """Generate (synthetic) or check (real) ``cfg.dataset``; print and return its count tables."""
     tables: dict[str, list[list[object]]] = {}
     if cfg.dataset.synthetic:
-        report = generate_synthetic(cfg.dataset.root, instantiate(cfg.synthetic))
+        report = generate_synthetic(cfg.dataset.root, build(cfg.synthetic))
         print(f"Synthetic benchmark written to {report.root} (seed {cfg.synthetic.seed})")
         # Read every view back through the real loaders: the same code path as real data.
         for view in SYNTHETIC_VIEWS:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sam4mllm.config import build
 from sam4mllm.data.base import load_image
 from sam4mllm.data.errors import DatasetNotFoundError, require
 from sam4mllm.data.masks import decode_segmentation
@@ -112,10 +113,9 @@ def finetune_decoder(cfg: Any, segmenter: Any = None) -> Path:
 
     Returns the checkpoint path; ``train_log.json`` beside it holds the per-step losses.
     """
-    from hydra.utils import instantiate
     from safetensors.torch import save_file
 
-    segmenter = segmenter or instantiate(cfg.sam)
+    segmenter = segmenter or build(cfg.sam)
     if not hasattr(segmenter, "predictor"):
         raise ValueError(f"{segmenter.name} has no SAM mask decoder to fine-tune; choose a SAM-family sam/ config")
     out_dir = Path(cfg.out_dir)

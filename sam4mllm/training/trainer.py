@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from sam4mllm.config import build
 from sam4mllm.device import resolve_device
 from sam4mllm.training.data import build_mixture
 
@@ -174,7 +174,7 @@ class Trainer:
         if self.run_dir.exists() and any(self.run_dir.iterdir()) and not self.cfg.resume:
             raise FileExistsError(f"{self.run_dir} exists; set resume=true to continue it or choose another run_dir")
         barrier()
-        self.adapter = instantiate(self.cfg.model)
+        self.adapter = build(self.cfg.model)
         # Seeded after loading: building a tiny model re-seeds the global RNG, so a LoRA
         # init seeded before it depended on whether this process had built or loaded it.
         self._seed(self.t.seed)
@@ -208,7 +208,7 @@ class Trainer:
 
     def _build_optimization(self) -> None:
         params = [p for p in self.adapter.model.parameters() if p.requires_grad]
-        opt = instantiate(self.t.optimizer)(params)  # _partial_: the params arrive here
+        opt = build(self.t.optimizer)(params)  # _partial_: the params arrive here
         steps = self.total_steps
         sched = lr_schedule(opt, self.t.schedule, math.ceil(self.t.warmup_ratio * steps), steps,
                             round(self.t.decay_ratio * steps))
