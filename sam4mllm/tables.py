@@ -63,6 +63,9 @@ def _row(results: dict, run: str, variant: str, cols: list[tuple[str, str, str]]
 
 def render_tables(eval_root: str | Path) -> str:
     """Markdown of Tables 2-6 (cells ``ours / paper``, metrics in percent)."""
+    if not Path(eval_root).is_dir():  # a mistyped folder would otherwise print the paper's numbers alone
+        raise FileNotFoundError(f"no evaluation folder at {eval_root}; scripts/eval.py writes each run's "
+                                "metrics.json under outputs/eval/<variant>-<family>/<dataset>-<split>/<eval>/")
     results = collect(eval_root)
     runs = sorted({r for r, *_ in results}) or ["pqpp-qwenvl", "ppg-qwenvl"]
     t2 = [(d, s, "cIoU") for d in ("refcoco", "refcoco+") for s in ("val", "testA", "testB")]
@@ -72,6 +75,8 @@ def render_tables(eval_root: str | Path) -> str:
     t5 = [("vqav2", "val2014", "accuracy")]
     out = ["Cells: ours / paper. Ours are whatever runs exist under the evaluation folder; the paper's",
            "numbers are the published ones, not reproduced here.\n"]
+    if not results:
+        out.insert(0, f"**No evaluation found under {eval_root}: every 'ours' cell is '-'.**\n")
     for title, cols in (("Table 2: refCOCO / refCOCO+ / refCOCOg (cIoU)", t2),
                         ("Table 3: gRefCOCO (gIoU, cIoU, N-acc)", t3),
                         ("Table 4: ReasonSeg val (zero-shot)", t4), ("Table 5: VQAv2", t5)):

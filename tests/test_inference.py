@@ -311,6 +311,10 @@ def test_paper_tables_put_ours_next_to_the_paper(tmp_path):
     assert "- / 75.2" in text              # refcocog test: no run, paper only
     assert "25.0 / 69.5" in text         # Table 6, threshold 0.6
     assert re.search(r"\| pqpp-qwen3vl +\| default +\| 33\.0 / 74\.5 +\|", text)  # Table 6's 0.9 row from thr0.9
+    assert "No evaluation found" not in text
+    assert "No evaluation found" in render_tables(tmp_path / "pqpp-qwen2vl" / "refcocog-val")  # no run at this depth
+    with pytest.raises(FileNotFoundError, match="no evaluation folder"):
+        render_tables(tmp_path / "typo")
 
 
 def test_vqa_evaluation_uses_the_official_accuracy(workspace, tmp_path):

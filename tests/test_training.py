@@ -266,7 +266,7 @@ def test_lr_schedule_after_warmup(schedule):
 
 
 def test_final_adapter_and_merge(workspace, tmp_path):
-    from sam4mllm.models.merge import merge_adapter
+    from sam4mllm.models.merge import load_finetuned, merge_adapter
 
     cfg = _cfg(workspace, tmp_path / "run", "train.max_steps=2", "train.optimizer.lr=1e-2")
     train(cfg)
@@ -284,6 +284,10 @@ def test_final_adapter_and_merge(workspace, tmp_path):
     with torch.no_grad():
         lp, lm = peft_model(**batch).logits, merged_model(**batch).logits
     assert torch.allclose(lp, lm, atol=1e-4)
+    # A folder that is not run_dir/final (the run dir itself, say) is named, with what it lacks.
+    for call in (lambda: merge_adapter(tmp_path / "run", tmp_path / "m2"), lambda: load_finetuned(a, tmp_path / "run")):
+        with pytest.raises(FileNotFoundError, match=r"run_dir/final\): train first"):
+            call()
 
 
 def test_env_tools_come_first_on_path(monkeypatch):

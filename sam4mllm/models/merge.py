@@ -7,13 +7,22 @@ import shutil
 from pathlib import Path
 
 
+def _run_info(final_dir: Path, hint: str = "") -> dict:
+    """``sam4mllm.json`` of a ``run_dir/final`` written by ``scripts/train.py`` (family, base, finetune)."""
+    path = final_dir / "sam4mllm.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no trained checkpoint at {final_dir} (expected sam4mllm.json from "
+                                f"scripts/train.py, in run_dir/final): train first{hint}")
+    return json.loads(path.read_text())
+
+
 def merge_adapter(final_dir: str | Path, out_dir: str | Path, base: str | Path | None = None) -> Path:
     """Load ``base`` (default: the base recorded at training) + the adapter in ``final_dir``; merge and save."""
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     final_dir, out_dir = Path(final_dir), Path(out_dir)
-    info = json.loads((final_dir / "sam4mllm.json").read_text())
+    info = _run_info(final_dir)
     if info["finetune"] != "lora":
         raise ValueError(f"{final_dir} holds a full fine-tune ({info['finetune']}); there is nothing to merge")
     base = Path(base or info["base"])
@@ -34,13 +43,7 @@ def load_finetuned(adapter: object, checkpoint: str | Path) -> None:
     from transformers import AutoModelForImageTextToText
 
     checkpoint = Path(checkpoint)
-    info_path = checkpoint / "sam4mllm.json"
-    if not info_path.exists():
-        raise FileNotFoundError(
-            f"no trained checkpoint at {checkpoint} (expected sam4mllm.json from scripts/train.py); train first, "
-            "or set checkpoint=null to evaluate the untrained backbone"
-        )
-    info = json.loads(info_path.read_text())
+    info = _run_info(checkpoint, "; or set checkpoint=null to evaluate the untrained backbone")
     if info["family"] != adapter.family:  # type: ignore[attr-defined]
         raise ValueError(f"{checkpoint} was trained on {info['family']}, not {adapter.family}")  # type: ignore[attr-defined]
     if info["finetune"] == "lora":
