@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from sam4mllm.config import build
 from sam4mllm.demo import VIEWS, compose_config
 from sam4mllm.evaluate import MERGED, Prompts, confident_answers, resegment
 from sam4mllm.inference import PQPPConfig, sample_points
@@ -117,7 +117,7 @@ def main() -> None:
             for f, view in zip(files, VIEWS.values(), strict=True)]
     eval_cfg = compose_config("eval", paths)
     grid = PQPPConfig(**OmegaConf.to_container(eval_cfg.eval.pqpp, resolve=True))
-    seg = instantiate(eval_cfg.sam)  # the segmenter the demo evaluates with
+    seg = build(eval_cfg.sam)  # the segmenter the demo evaluates with
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
