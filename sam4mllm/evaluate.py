@@ -6,7 +6,9 @@ written incrementally to JSONL shards, resume after a kill, shard across process
 not depend on the shard count. Metrics are always computed from that file
 (:func:`rescore`), so a rescore gives exactly what the run reported. An unparseable
 answer is scored as an empty mask (IoU 0 for a target) and counted in
-``invalid_rate``; an image that cannot be read is recorded and counted, not dropped.
+``invalid_rate``. A sample whose image cannot be read, or does not match its annotations,
+keeps its line in the predictions with the error, is left out of the metrics and is
+counted in ``unreadable`` (with a warning).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 
 from sam4mllm.config import build
 from sam4mllm.data import build_dataset
-from sam4mllm.data.errors import CorruptImageError
+from sam4mllm.data.errors import CorruptImageError, MalformedSampleError
 from sam4mllm.data.masks import decode_segmentation, encode_rle
 from sam4mllm.metrics import SegmentationMeter, VQAMeter
 from sam4mllm.report import markdown_table
@@ -124,7 +126,7 @@ def evaluate(cfg: Any, predictor: Any = None) -> dict[str, Any] | None:
                 sample = ds[i]
                 rec = predict_sample(predictor, sample)
                 rec["sample_id"] = sample.sample_id
-            except (CorruptImageError, FileNotFoundError) as err:
+            except (CorruptImageError, MalformedSampleError, FileNotFoundError) as err:
                 rec = {"error": f"{type(err).__name__}: {err}", "valid": False}
             w.write({"key": str(i), "index": k, **rec})
     merged = merge_shards(out_dir, count, len(ds), header, MERGED)
@@ -143,13 +145,17 @@ def rescore(predictions: str | Path, dataset_cfg: Any) -> dict[str, Any]:
     ds = build_dataset(dataset_cfg, header["split"])
     if len(records) != len(ds):
         raise ValueError(f"{predictions} has {len(records)} predictions for {len(ds)} samples")
-    errors = sum("error" in r for r in records)
+    errors = [r for r in records if "error" in r]
+    if errors:
+        log.warning("%s: %d of %d samples could not be read and are left out of the metrics, e.g. %s",
+                    predictions, len(errors), len(records), errors[0]["error"])
+    records = [r for r in records if "error" not in r]
     out: dict[str, Any] = {"dataset": header["dataset"], "split": header["split"], "variant": header["variant"],
-                           "unreadable": errors}
+                           "unreadable": len(errors)}
     if header["task"] == "vqa":
         vqa = VQAMeter()
-        for r, rec in zip(records, ds.records, strict=True):
-            vqa.update(r.get("answer", ""), rec["answers"])
+        for r in records:
+            vqa.update(r.get("answer", ""), ds.records[int(r["key"])]["answers"])
         return {**out, **vqa.compute()}
     meter = SegmentationMeter()
     times, points, right = [], 0, 0

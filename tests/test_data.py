@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from sam4mllm.data import CorruptImageError, DatasetNotFoundError
+from sam4mllm.data import CorruptImageError, DatasetNotFoundError, MalformedSampleError
 from sam4mllm.data.masks import decode_segmentation, encode_rle, encode_uncompressed_rle
 from sam4mllm.data.reasonseg import ReasonSegDataset, rasterize_shapes
 from sam4mllm.data.refer import ReferDataset
@@ -263,6 +264,20 @@ def test_corrupt_and_missing_images_raise_clearly(tmp_path, synthetic):
     path.unlink()
     with pytest.raises(FileNotFoundError, match=str(path)):
         ds[0]
+    Image.new("RGB", (7, 5)).save(path)
+    with pytest.raises(MalformedSampleError, match=r"is 7x5 but instances\.json says"):
+        ds[0]
+    # An RLE of another size passes the structural check at indexing; decoding finds it.
+    target = next(r for r in ds.records if r["ann_ids"] and r["image_path"] != path)
+    inst_path = root / "refer_seg" / "refcoco" / "instances.json"
+    inst = json.loads(inst_path.read_text())
+    ann = next(a for a in inst["annotations"] if a["id"] == target["ann_ids"][0])
+    ann["segmentation"] = encode_rle(np.ones((3, 4), bool))
+    inst_path.write_text(json.dumps(inst))
+    ds = refer(root)
+    i = next(i for i, r in enumerate(ds.records) if r["ann_ids"] == target["ann_ids"])
+    with pytest.raises(MalformedSampleError, match="does not match image size"):
+        ds[i]
 
 
 def test_reasonseg_convention_smaller_shapes_win_and_flag_is_skipped():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +13,15 @@ import numpy as np
 import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from PIL import Image
 
 from sam4mllm.codec import Point, TargetPrompt
-from sam4mllm.data import build_dataset
+from sam4mllm.data import CorruptImageError, MalformedSampleError, build_dataset
 from sam4mllm.dialogs import Dialog, box_question, point_question
 from sam4mllm.evaluate import evaluate, rescore
 from sam4mllm.inference import PQPPConfig, Sam4MLLM, SegmentResult, sample_points
 from sam4mllm.sam.grabcut import GrabCutSegmenter
-from sam4mllm.shards import shard_path
+from sam4mllm.shards import read_shard, shard_path
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = (np.random.default_rng(0).random((112, 112, 3)) * 255).astype(np.uint8)
@@ -139,9 +141,17 @@ def _eval_cfg(workspace, out, *extra):
 def _run(cfg, oracle):
     ds = build_dataset(cfg.dataset, cfg.split)
 
+    def readable():
+        for i in range(len(ds)):
+            try:
+                yield ds[i]
+            except (CorruptImageError, MalformedSampleError):
+                continue
+
     class Feed:
         def segment(self, image, expression, task="res"):
-            oracle.current = next(s for s in ds if s.expression == expression and np.array_equal(s.image, image))
+            oracle.current = next(s for s in readable()
+                                  if s.expression == expression and np.array_equal(s.image, image))
             return oracle.segment(image, expression, task)
 
     return evaluate(cfg, Feed())
@@ -158,6 +168,24 @@ def test_evaluator_scores_oracle_perfectly_and_counts_invalid(workspace, tmp_pat
     assert m2 == rescore(tmp_path / "b" / "predictions.jsonl", _eval_cfg(workspace, tmp_path / "b",
                                                                           "dataset=synthetic_gres").dataset)
     assert len(list((tmp_path / "a" / "overlays").glob("*.png"))) == 8
+
+
+def test_unreadable_samples_are_counted_and_left_out_of_the_metrics(workspace, synthetic, tmp_path):
+    shutil.copytree(synthetic.root, tmp_path / "data" / "synthetic")
+    cfg = _eval_cfg(workspace, tmp_path / "out", f"paths.data_dir={tmp_path / 'data'}")
+    ds = build_dataset(cfg.dataset, "val")
+    corrupt, resized = ds.records[0]["image_path"], next(
+        r["image_path"] for r in ds.records if r["image_path"] != ds.records[0]["image_path"])
+    corrupt.write_bytes(b"not a png")
+    Image.new("RGB", (7, 5)).save(resized)
+    bad = sum(r["image_path"] in (corrupt, resized) for r in ds.records)
+    m = _run(cfg, Oracle())
+    assert m["unreadable"] == bad and m["n"] == len(ds) - bad and m["cIoU"] == 1.0 and m["invalid_rate"] == 0.0
+    records = read_shard(tmp_path / "out" / "predictions.jsonl")[1]
+    errors = [r["error"] for r in records if "error" in r]
+    assert len(records) == len(ds) and len(errors) == bad  # nothing lost: each keeps its line and its reason
+    assert {e.split(":")[0] for e in errors} == {"CorruptImageError", "MalformedSampleError"}
+    assert rescore(tmp_path / "out" / "predictions.jsonl", cfg.dataset) == m
 
 
 def test_evaluator_resumes_and_shards_merge_to_the_single_process_result(workspace, tmp_path):

@@ -6,9 +6,9 @@ from typing import Any
 
 from sam4mllm.config import build
 from sam4mllm.data.base import Sample, SegDataset
-from sam4mllm.data.errors import CorruptImageError, DatasetNotFoundError
+from sam4mllm.data.errors import CorruptImageError, DatasetNotFoundError, MalformedSampleError
 
-__all__ = ["CorruptImageError", "DatasetNotFoundError", "Sample", "SegDataset", "build_dataset"]
+__all__ = ["CorruptImageError", "DatasetNotFoundError", "MalformedSampleError", "Sample", "SegDataset", "build_dataset"]
 
 
 def build_dataset(dataset_cfg: Any, split: str | None = None) -> SegDataset:

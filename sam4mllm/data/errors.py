@@ -27,6 +27,10 @@ class CorruptImageError(OSError):
     """An image file exists but cannot be decoded."""
 
 
+class MalformedSampleError(ValueError):
+    """A sample's files disagree with its annotations (an image of another size, a mask of another size)."""
+
+
 def require(dataset: str, layout: str, *paths: Path) -> None:
     """Raise :class:`DatasetNotFoundError` for the first of ``paths`` that does not exist."""
     for p in paths:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from sam4mllm.data.base import Sample, SegDataset, load_image
-from sam4mllm.data.errors import require
+from sam4mllm.data.errors import MalformedSampleError, require
 from sam4mllm.data.masks import decode_segmentation
 from sam4mllm.data.unpickle import load_plain_pickle
 
@@ -128,11 +128,14 @@ class ReferDataset(SegDataset):
         image = load_image(record["image_path"])
         h, w = record["height"], record["width"]
         if image.shape[:2] != (h, w):
-            raise ValueError(
+            raise MalformedSampleError(
                 f"{record['image_path']} is {image.shape[1]}x{image.shape[0]} but instances.json says {w}x{h}"
             )
         anns = [self.anns[a] for a in record["ann_ids"]]
-        masks = [decode_segmentation(a["segmentation"], h, w) for a in anns]
+        try:
+            masks = [decode_segmentation(a["segmentation"], h, w) for a in anns]
+        except ValueError as err:  # an RLE of another size: only decoding finds it
+            raise MalformedSampleError(f"{self.name} annotation of {record['image_path']}: {err}") from err
         boxes = np.array(
             [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns],
             dtype=np.float64,
