@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from sam4mllm.config import build
 from sam4mllm.data import SegDataset, build_dataset
-from sam4mllm.data.errors import CorruptImageError
+from sam4mllm.data.errors import CorruptImageError, MalformedSampleError
 from sam4mllm.sam.base import Segmenter
 from sam4mllm.shards import ShardWriter, assign, merge_shards, shard_from_env, shard_path
 
@@ -73,7 +73,7 @@ def ppg_label(
 
     pos_pool, neg_pool = pixels_in_box(mask, box, True), pixels_in_box(mask, box, False)
     if len(pos_pool) == 0:
-        raise ValueError("the target mask has no pixel inside its box")
+        raise MalformedSampleError("the target mask has no pixel inside its annotated box")
     n_neg = n_neg if len(neg_pool) else 0
     pos = pos_pool[rng.integers(len(pos_pool), size=(n_groups, n_pos))]
     neg = neg_pool[rng.integers(len(neg_pool), size=(n_groups, n_neg))] if n_neg else np.zeros((n_groups, 0, 2), int)
@@ -219,8 +219,9 @@ def generate_labels(cfg: Any, segmenter_factory: Callable[[], Segmenter] | None 
                 samples = label_image(ds, rec_ids, cfg.variant, params, _image_rng(cfg.seed, key), segmenter)
                 w.write({"key": key, "index": k, "image_path": str(ds.records[rec_ids[0]]["image_path"]),
                          "samples": samples})
-            except (CorruptImageError, FileNotFoundError, ValueError) as err:
-                # Counted and kept in the output, so a resume does not retry it and nothing is silently lost.
+            except (CorruptImageError, MalformedSampleError, FileNotFoundError) as err:
+                # Bad data is counted and kept in the output, so a resume does not retry it and nothing is
+                # silently lost; any other error (a bad setting) stops the job before it labels anything.
                 w.write({"key": key, "index": k, "error": f"{type(err).__name__}: {err}", "samples": []})
         errors = [r for r in w.records if "error" in r]
     if errors:

@@ -181,6 +181,33 @@ def test_labels_of_an_edited_dataset_are_not_resumed(synthetic, tmp_path):
         generate_labels(_cfg(data, tmp_path / "labels", "+exp=pqpp", "split=val"))
 
 
+def test_unreadable_images_are_counted_and_the_others_labelled_as_in_a_clean_run(synthetic, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    clean = read_shard(generate_labels(_cfg(_data_dir(synthetic), tmp_path / "clean", "+exp=pqpp", "split=val")))[1]
+    data = tmp_path / "data"
+    shutil.copytree(synthetic.root, data / "synthetic")
+    corrupt, resized = (data / "synthetic/coco/train2014" / Path(r["image_path"]).name for r in clean[:2])
+    corrupt.write_bytes(b"not a png")
+    Image.new("RGB", (7, 5)).save(resized)
+    merged = generate_labels(_cfg(data, tmp_path / "bad", "+exp=pqpp", "split=val"))
+    records = read_shard(merged)[1]
+    assert [r["error"].split(":")[0] for r in records[:2]] == ["CorruptImageError", "MalformedSampleError"]
+    assert label_stats(merged)["errors"] == 2 and [r["key"] for r in records] == [r["key"] for r in clean]
+    strip = [{k: v for k, v in r.items() if k != "image_path"} for r in records[2:]]
+    assert strip == [{k: v for k, v in r.items() if k != "image_path"} for r in clean[2:]]
+
+
+def test_a_bad_setting_stops_the_job_instead_of_marking_every_image_unreadable(synthetic, tmp_path):
+    with pytest.raises(ValueError, match="unknown point sampling 'bogus'"):
+        generate_labels(_cfg(_data_dir(synthetic), tmp_path / "out", "+exp=pqpp", "labels.sampling=bogus"))
+    fixed = generate_labels(_cfg(_data_dir(synthetic), tmp_path / "out", "+exp=pqpp", "labels.sampling=poisson"))
+    clean = generate_labels(_cfg(_data_dir(synthetic), tmp_path / "clean", "+exp=pqpp", "labels.sampling=poisson"))
+    assert fixed.read_bytes() == clean.read_bytes() and label_stats(fixed)["errors"] == 0
+
+
 def test_kill_minus_9_then_resume_gives_the_identical_output(synthetic, tmp_path):
     data = _data_dir(synthetic)
     reference = generate_labels(_cfg(data, tmp_path / "ref", "+exp=ppg")).read_bytes()
