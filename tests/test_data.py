@@ -290,12 +290,15 @@ def test_reasonseg_convention_smaller_shapes_win_and_flag_is_skipped():
     assert target.sum() == 100 - 9 and not target[10:, :].any()
 
 
-def test_reasonseg_malformed_json_is_counted(tmp_path, synthetic):
+def test_reasonseg_malformed_json_and_shapes_are_counted(tmp_path, synthetic):
     root = tmp_path / "rs"
     shutil.copytree(synthetic.root / "reason_seg/ReasonSeg", root)
     jsons = sorted((root / "val").glob("*.json"))
     jsons[0].write_text("{not json")
     jsons[1].with_suffix(".jpg").unlink()
+    ann = json.loads(jsons[2].read_text())
+    ann["shapes"][0]["points"][1] = [3]  # would only fail when painted, mid-evaluation
+    jsons[2].write_text(json.dumps(ann))
     ds = ReasonSegDataset(root, "val")
-    assert ds.skipped == {"malformed json": 1, "image missing": 1}
-    assert len(ds) == len(jsons) - 2
+    assert ds.skipped == {"malformed json": 1, "image missing": 1, "malformed shape": 1}
+    assert len(ds) == len(jsons) - 3

@@ -31,6 +31,11 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _TARGET, _IGNORE = 1, 255
 
 
+def _valid_polygon(points: Any) -> bool:
+    return isinstance(points, list) and len(points) >= 3 and all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(v, int | float) for v in p) for p in points)
+
+
 def _paint(canvas: np.ndarray, points: Any, value: int) -> None:
     pts = np.array([points], dtype=np.int32)
     cv2.polylines(canvas, pts, True, value, 1)
@@ -75,7 +80,7 @@ class ReasonSegDataset(SegDataset):
                 ann = json.loads(js.read_text())
                 texts = [t for t in ann["text"] if isinstance(t, str) and t.strip()]
                 shapes = ann["shapes"]
-                ok = all(isinstance(s["points"], list) and len(s["points"]) >= 3 and "label" in s for s in shapes)
+                ok = all("label" in s and _valid_polygon(s["points"]) for s in shapes)
             except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
                 self.skipped["malformed json"] += 1
                 continue
