@@ -129,6 +129,21 @@ def test_synthetic_vqa(synthetic):
     assert np.array_equal(s.image, synthetic.scenes[s.image_id].image)
 
 
+def test_vqa_malformed_entries_are_counted(tmp_path, synthetic):
+    root = tmp_path / "vqav2"
+    shutil.copytree(synthetic.root / "vqav2", root)
+    q_path, a_path = root / "v2_OpenEnded_mscoco_val_questions.json", root / "v2_mscoco_val_annotations.json"
+    qs, anns = json.loads(q_path.read_text()), json.loads(a_path.read_text())
+    del qs["questions"][0]["question"]
+    qs["questions"][1]["image_id"] = "twelve"
+    anns["annotations"][2]["answers"] = []
+    q_path.write_text(json.dumps(qs))
+    a_path.write_text(json.dumps(anns))
+    ds = VQADataset(root, "val", synthetic.root / "coco/train2014", image_pattern="COCO_train2014_{image_id:012d}.png")
+    assert ds.skipped == {"question without a valid annotation": 2, "no human answers": 1}
+    assert len(ds) == len(qs["questions"]) - 3
+
+
 def test_synthetic_is_deterministic_and_split_independent(tmp_path, synthetic):
     from tests.conftest import SMALL
 

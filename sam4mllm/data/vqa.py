@@ -51,7 +51,7 @@ class VQADataset(SegDataset):
         answers = {int(a["question_id"]): a for a in json.loads(a_path.read_text())["annotations"]}
         for q in questions:
             try:
-                qid, image_id = int(q["question_id"]), int(q["image_id"])
+                qid, image_id, text = int(q["question_id"]), int(q["image_id"]), str(q["question"])
                 ann = answers[qid]
                 human = [str(a["answer"]) for a in ann["answers"]]
             except (KeyError, TypeError, ValueError):
@@ -64,7 +64,7 @@ class VQADataset(SegDataset):
                 "image_path": image_dir / image_pattern.format(split=split, image_id=image_id),
                 "image_id": image_id,
                 "question_id": qid,
-                "expression": str(q["question"]),
+                "expression": text,
                 "answers": human,
                 "answer_type": ann.get("answer_type"),
                 "multiple_choice_answer": str(ann.get("multiple_choice_answer") or max(human, key=human.count)),
