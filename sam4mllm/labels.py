@@ -221,7 +221,7 @@ def generate_labels(cfg: Any, segmenter_factory: Callable[[], Segmenter] | None 
                          "samples": samples})
             except (CorruptImageError, MalformedSampleError, FileNotFoundError) as err:
                 # Bad data is counted and kept in the output, so a resume does not retry it and nothing is
-                # silently lost; any other error (a bad setting) stops the job before it labels anything.
+                # silently lost; any other error (a bad setting, say) stops the job.
                 w.write({"key": key, "index": k, "error": f"{type(err).__name__}: {err}", "samples": []})
         errors = [r for r in w.records if "error" in r]
     if errors:

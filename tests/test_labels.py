@@ -15,6 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sam4mllm import CONFIG_DIR
+from sam4mllm.data import MalformedSampleError
 from sam4mllm.labels import generate_labels, label_stats, ppg_label, pqpp_label, sample_box_points
 from sam4mllm.sam.base import Prediction, Prompts, Segmenter
 from sam4mllm.shards import read_shard, shard_path
@@ -74,6 +75,8 @@ def test_ppg_without_background_in_the_box_has_no_negative():
     seg.set_image(np.zeros((10, 10, 3), np.uint8))
     lab = ppg_label(seg, gt, np.array([2.0, 2.0, 6.0, 6.0]), np.random.default_rng(0), n_groups=4, top_k=2)
     assert lab["labels"] == [1, 1] and lab["n_neg"] == 0
+    with pytest.raises(MalformedSampleError, match="no pixel inside its annotated box"):  # a bbox off its mask
+        ppg_label(seg, gt, np.array([7.0, 7.0, 9.0, 9.0]), np.random.default_rng(0), n_groups=4, top_k=2)
 
 
 @pytest.mark.parametrize("sampling", ["uniform", "poisson"])
