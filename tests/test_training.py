@@ -209,6 +209,15 @@ def test_missing_labels_name_the_job_and_a_switched_off_source_needs_none(worksp
     assert len(off) == len(full) - len(full.sources["grefcoco"][0])
 
 
+@pytest.mark.timeout(300)  # the bug this guards against is a run that waits forever
+def test_a_run_with_nothing_to_feed_stops_with_the_reason_instead_of_waiting(workspace, tmp_path):
+    off = ["data.sources.refcoco.ratio=0", "data.sources.grefcoco.ratio=0", "data.sources.vqav2.ratio=0"]
+    with pytest.raises(ValueError, match=r"draws no example .*\{\}"):
+        train(_cfg(workspace, tmp_path / "empty", "train.max_steps=2", *off))
+    with pytest.raises(ValueError, match=r"no dialog fits model.max_length=20 \(\d+ dropped as too long\)"):
+        train(_cfg(workspace, tmp_path / "long", "train.max_steps=2", "model.max_length=20"))
+
+
 def _losses(run_dir: Path) -> dict[int, float]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():

@@ -181,6 +181,10 @@ class Trainer:
         self.counts = apply_finetuning(self.adapter, self.t)
         self.data = build_mixture(self.cfg.data.sources, self.adapter, self.cfg.variant, self.cfg.pqpp_mode,
                                   self.t.seed)
+        if len(self.data) == 0:  # else a max_steps run would wait forever for its first batch
+            sizes = {name: len(examples) for name, (examples, _) in self.data.sources.items()}
+            raise ValueError(f"the training mixture draws no example (examples per source switched on: {sizes}); "
+                             "a labels file may hold only unreadable images (label_stats counts them)")
         # Accumulation windows may span epochs (as DeepSpeed counts micro-steps), so the
         # total counts micro-batches over all epochs.
         micro_per_epoch = math.ceil(self._rank_len() / self.t.micro_batch_size)
@@ -262,9 +266,11 @@ class Trainer:
         self.engine.train()
         t0, tokens, window = time.perf_counter(), 0, []
         while self.step < self.total_steps:
+            whole_epoch, fed = self.micro == 0, False
             for batch, n_tokens in self._batches():
                 if batch is None:  # every dialog of the batch was too long (counted)
                     continue
+                fed = True
                 loss = self._forward(batch)
                 tokens += n_tokens
                 window.append(float(loss.detach()))
@@ -299,6 +305,9 @@ class Trainer:
                 if self.step >= self.total_steps:
                     break
             else:  # the epoch ran out; an open accumulation window carries on into the next
+                if whole_epoch and not fed:  # another epoch would not feed one either
+                    raise ValueError(f"no dialog fits model.max_length={self.adapter.max_length} "
+                                     f"({self.data.stats['too_long']} dropped as too long)")
                 self.epoch, self.micro = self.epoch + 1, 0
         bar.close()
         if self.cfg.save_final:
