@@ -136,6 +136,26 @@ def test_branch_mode_trains_every_labelled_point_as_its_own_branch(workspace):
         assert len(branches) == n_points[(str(ex.image_path), ex.expression)] > 1
 
 
+def test_a_dialog_too_long_to_train_is_replaced_by_the_next_that_fits(workspace, synthetic):
+    from sam4mllm.training.data import Example, MixtureDataset
+
+    a = _adapter(workspace, "qwen2vl")
+    image = next((synthetic.root / "coco" / "train2014").glob("*.png"))
+    target = {"box": [10.0, 10.0, 60.0, 70.0], "points": [[20, 30], [50, 40]], "labels": [1, 0]}
+    texts = ["the red circle", "the " + "very " * 200 + "big square", "the blue triangle"]
+    data = MixtureDataset({"s": ([Example(image, "seg", t, "res", [target]) for t in texts], 1.0)}, a, "pqpp")
+    order = [texts[j] for _, j in data.items]
+    lengths = {t: data[order.index(t)].length for t in texts}
+    a.max_length = max(lengths[texts[0]], lengths[texts[2]])  # the others fit whole; the long one not even alone
+    got = [data[i].inputs["input_ids"].tolist() for i in range(len(data))]
+    long_at = order.index(texts[1])
+    assert got[long_at] == got[(long_at + 1) % len(got)]  # every draw gives a full dialog: the next that fits
+    assert data.stats["too_long"] == 1 and data.stats["dropped_turns"] == 0
+    a.max_length = 20
+    with pytest.raises(ValueError, match=r"no dialog fits model.max_length=20 \(3 examples too long\)"):
+        data[0]
+
+
 def test_dialog_shapes():
     from sam4mllm.codec import get_format
 
@@ -214,7 +234,7 @@ def test_a_run_with_nothing_to_feed_stops_with_the_reason_instead_of_waiting(wor
     off = ["data.sources.refcoco.ratio=0", "data.sources.grefcoco.ratio=0", "data.sources.vqav2.ratio=0"]
     with pytest.raises(ValueError, match=r"draws no example .*\{\}"):
         train(_cfg(workspace, tmp_path / "empty", "train.max_steps=2", *off))
-    with pytest.raises(ValueError, match=r"no dialog fits model.max_length=20 \(\d+ dropped as too long\)"):
+    with pytest.raises(ValueError, match=r"no dialog fits model.max_length=20 \(\d+ examples too long\)"):
         train(_cfg(workspace, tmp_path / "long", "train.max_steps=2", "model.max_length=20"))
 
 

@@ -79,6 +79,7 @@ class MixtureDataset(torch.utils.data.Dataset):
                  pqpp_mode: str = "per_point", seed: int = 0) -> None:
         self.sources, self.adapter, self.variant, self.pqpp_mode, self.seed = sources, adapter, variant, pqpp_mode, seed
         self.stats: Counter[str] = Counter()
+        self.too_long: set[tuple[str, int]] = set()
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -109,18 +110,27 @@ class MixtureDataset(torch.utils.data.Dataset):
             return self.adapter.encode_branched(Dialog(dialog.turns[:1]), point_turns(targets, fmt), image)
         return self.adapter.encode(dialog, image)
 
-    def __getitem__(self, i: int) -> Encoded | None:
-        name, j = self.items[i]
-        ex = self.sources[name][0][j]
-        image = load_image(ex.image_path)
-        try:
-            enc = self.encode(ex, image)
-        except SampleTooLongError:
-            self.stats["too_long"] += 1
-            return None
-        self.stats["dropped_turns"] += enc.dropped_turns
-        self.stats["truncated_samples"] += enc.dropped_turns > 0
-        return enc
+    def __getitem__(self, i: int) -> Encoded:
+        """Draw ``i``, encoded. A draw whose first turn alone exceeds ``max_length`` is replaced by
+        the next one that fits (each such example counted once in ``stats["too_long"]``):
+        skipping it instead would leave one rank a micro-step short, and DeepSpeed's ranks
+        then wait on each other for good."""
+        for k in range(len(self.items)):
+            name, j = self.items[(i + k) % len(self.items)]
+            if (name, j) in self.too_long:
+                continue
+            ex = self.sources[name][0][j]
+            try:
+                enc = self.encode(ex, load_image(ex.image_path))
+            except SampleTooLongError:
+                self.too_long.add((name, j))
+                self.stats["too_long"] = len(self.too_long)
+                continue
+            self.stats["dropped_turns"] += enc.dropped_turns
+            self.stats["truncated_samples"] += enc.dropped_turns > 0
+            return enc
+        raise ValueError(f"no dialog fits model.max_length={self.adapter.max_length} "
+                         f"({len(self.too_long)} examples too long)")
 
 
 def build_mixture(sources: Any, adapter: Adapter, variant: str, pqpp_mode: str = "per_point",

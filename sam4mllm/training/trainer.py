@@ -246,9 +246,9 @@ class Trainer:
         mine = order[rank()::world()]
         bs = self.t.micro_batch_size
         for start in range(self.micro * bs, len(mine), bs):
-            items = [e for e in (self.data[i] for i in mine[start:start + bs]) if e is not None]
+            items = [self.data[i] for i in mine[start:start + bs]]
             self.micro += 1
-            yield (self.adapter.collate(items), sum(e.length for e in items)) if items else (None, 0)
+            yield self.adapter.collate(items), sum(e.length for e in items)
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -266,11 +266,7 @@ class Trainer:
         self.engine.train()
         t0, tokens, window = time.perf_counter(), 0, []
         while self.step < self.total_steps:
-            whole_epoch, fed = self.micro == 0, False
             for batch, n_tokens in self._batches():
-                if batch is None:  # every dialog of the batch was too long (counted)
-                    continue
-                fed = True
                 loss = self._forward(batch)
                 tokens += n_tokens
                 window.append(float(loss.detach()))
@@ -305,9 +301,6 @@ class Trainer:
                 if self.step >= self.total_steps:
                     break
             else:  # the epoch ran out; an open accumulation window carries on into the next
-                if whole_epoch and not fed:  # another epoch would not feed one either
-                    raise ValueError(f"no dialog fits model.max_length={self.adapter.max_length} "
-                                     f"({self.data.stats['too_long']} dropped as too long)")
                 self.epoch, self.micro = self.epoch + 1, 0
         bar.close()
         if self.cfg.save_final:
