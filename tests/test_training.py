@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 
 from sam4mllm.codec import Point, TargetPrompt
+from sam4mllm.config import build
 from sam4mllm.dialogs import Dialog, point_turns, ppg_dialog, pqpp_dialog, vqa_dialog
 from sam4mllm.models.adapter import IGNORE_INDEX, Adapter
 from sam4mllm.training.launch import env_tools_first, strip_local_rank
@@ -317,6 +318,25 @@ def test_final_adapter_and_merge(workspace, tmp_path):
     for call in (lambda: merge_adapter(tmp_path / "run", tmp_path / "m2"), lambda: load_finetuned(a, tmp_path / "run")):
         with pytest.raises(FileNotFoundError, match=r"run_dir/final\): train first"):
             call()
+    # Evaluating with another image size than training is refused, not run on inputs it never saw.
+    small = instantiate(workspace("train", "+exp=pqpp", "++model.max_pixels=3136").model)
+    with pytest.raises(ValueError, match=r"longest_edge': 12544.*longest_edge': 3136.*model.max_pixels"):
+        load_finetuned(small, final)
+
+
+@pytest.mark.parametrize("family", ["qwen2vl", "qwen2_5vl"])
+def test_max_pixels_caps_the_image_tokens_and_the_coordinates_follow(workspace, family):
+    image = np.zeros((400, 600, 3), np.uint8)
+    full, small = (instantiate(workspace("train", f"model=tiny_{family}", *o).model)
+                   for o in ([], ["++model.max_pixels=3136"]))
+    n_tokens = [int(a.model_inputs(a.render(Dialog([("x", "y")])), image)["image_grid_thw"].prod())
+                for a in (full, small)]
+    assert n_tokens[1] <= 3136 // 14**2 < n_tokens[0]
+    h, w = full.coord_system(), small.coord_system()
+    if family == "qwen2_5vl":  # pixels of the resized input: the capped size, as the model sees it
+        assert h.resize((400, 600)) != w.resize((400, 600)) and np.prod(w.resize((400, 600))) <= 3136
+    with pytest.raises(ValueError, match="max_pixels applies to"):
+        build(workspace("train", "model=tiny_llava_next", "++model.max_pixels=3136").model)
 
 
 def test_env_tools_come_first_on_path(monkeypatch):

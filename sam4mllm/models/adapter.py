@@ -53,6 +53,7 @@ FAMILIES: dict[str, FamilySpec] = {
                          r"transformer\.h\.\d+\.(attn\.(c_attn|c_proj)|mlp\.(w1|w2|c_proj))",
                          ("transformer.visual.attn_pool",), trust_remote_code=True),
 }
+DYNAMIC_RESOLUTION = frozenset({"qwen2vl", "qwen2_5vl", "qwen3vl"})  # image processors sized by pixel area
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -97,11 +98,14 @@ class Adapter:
             off unless the user turns it on.
         max_length: longest tokenised dialog; longer ones lose whole trailing turns.
         prompt_format: overrides the family's box/point text format.
+        max_pixels: caps the input image's area for the dynamic-resolution Qwen families
+            (Qwen2-VL's released processor allows 12.8 MP, 16k image tokens: far past
+            ``max_length``); ``None`` keeps the folder's setting.
     """
 
     def __init__(self, family: str, path: str | Path, dtype: str = "float32", device: str = "auto",
                  trust_remote_code: bool = False, max_length: int = 2048, prompt_format: str | None = None,
-                 attn_implementation: str | None = None) -> None:
+                 attn_implementation: str | None = None, max_pixels: int | None = None) -> None:
         if family not in FAMILIES:
             raise ValueError(f"unknown backbone family {family!r}; choose one of {sorted(FAMILIES)}")
         self.family, self.spec, self.max_length = family, FAMILIES[family], max_length
@@ -114,6 +118,10 @@ class Adapter:
         if self.spec.trust_remote_code and not trust_remote_code:
             raise ValueError(f"{family} runs remote code from {self.path}; set model.trust_remote_code=true "
                              "only if you trust that folder")
+        if max_pixels is not None and family not in DYNAMIC_RESOLUTION:
+            raise ValueError(f"model.max_pixels applies to {sorted(DYNAMIC_RESOLUTION)}; {family} resizes its "
+                             "images to a size of its own")
+        self.max_pixels = max_pixels
         self.fmt: PromptFormat = get_format(prompt_format or self.spec.prompt_format)
         self.processor, self.model = self._load(dtype, resolve_device(device), trust_remote_code,
                                                  attn_implementation)
@@ -132,7 +140,13 @@ class Adapter:
         model_kw = {**kw, "dtype": DTYPES[dtype]}
         if attn:
             model_kw["attn_implementation"] = attn
-        processor = AutoProcessor.from_pretrained(self.path, **kw)
+        proc_kw = dict(kw)
+        if self.max_pixels is not None:  # through `size`, which coord_system reads, not a separate max_pixels
+            from transformers import AutoImageProcessor
+
+            lo = AutoImageProcessor.from_pretrained(self.path, **kw).size["shortest_edge"]
+            proc_kw["size"] = {"shortest_edge": min(lo, self.max_pixels), "longest_edge": self.max_pixels}
+        processor = AutoProcessor.from_pretrained(self.path, **proc_kw)
         model = AutoModelForImageTextToText.from_pretrained(self.path, **model_kw).to(device)
         return processor, model
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 
 def _run_info(final_dir: Path, hint: str = "") -> dict:
@@ -37,6 +39,10 @@ def merge_adapter(final_dir: str | Path, out_dir: str | Path, base: str | Path |
     return out_dir
 
 
+def _pixels(size: Any) -> dict[str, int]:
+    return {k: v for k, v in dataclasses.asdict(size).items() if v is not None}
+
+
 def load_finetuned(adapter: object, checkpoint: str | Path) -> None:
     """Put the weights trained by ``scripts/train.py`` (``run_dir/final``) into ``adapter.model``."""
     from peft import PeftModel
@@ -46,6 +52,14 @@ def load_finetuned(adapter: object, checkpoint: str | Path) -> None:
     info = _run_info(checkpoint, "; or set checkpoint=null to evaluate the untrained backbone")
     if info["family"] != adapter.family:  # type: ignore[attr-defined]
         raise ValueError(f"{checkpoint} was trained on {info['family']}, not {adapter.family}")  # type: ignore[attr-defined]
+    here = getattr(adapter.processor, "image_processor", None)  # type: ignore[attr-defined]
+    if here is not None:  # another image size would show the model inputs (and coordinates) it never saw
+        from transformers import AutoImageProcessor
+
+        trained = AutoImageProcessor.from_pretrained(checkpoint, local_files_only=True).size
+        if trained != here.size:
+            raise ValueError(f"{checkpoint} was trained on images resized to {_pixels(trained)}, but this model "
+                             f"resizes to {_pixels(here.size)}; set model.max_pixels as in training")
     if info["finetune"] == "lora":
         adapter.model = PeftModel.from_pretrained(adapter.model, checkpoint).merge_and_unload()  # type: ignore[attr-defined]
     else:
