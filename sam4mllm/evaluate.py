@@ -8,7 +8,8 @@ not depend on the shard count. Metrics are always computed from that file
 answer is scored as an empty mask (IoU 0 for a target) and counted in
 ``invalid_rate``. A sample whose image cannot be read, or does not match its annotations,
 keeps its line in the predictions with the error, is left out of the metrics and is
-counted in ``unreadable`` (with a warning).
+counted in ``unreadable``; annotation entries the loader skipped are counted in
+``skipped`` (both with a warning).
 """
 
 from __future__ import annotations
@@ -145,13 +146,16 @@ def rescore(predictions: str | Path, dataset_cfg: Any) -> dict[str, Any]:
     ds = build_dataset(dataset_cfg, header["split"])
     if len(records) != len(ds):
         raise ValueError(f"{predictions} has {len(records)} predictions for {len(ds)} samples")
+    if ds.skipped:  # entries the loader could not use never reach the predictions: say how many
+        log.warning("%s/%s: %d annotation entries skipped while loading: %s", header["dataset"], header["split"],
+                    sum(ds.skipped.values()), dict(ds.skipped))
     errors = [r for r in records if "error" in r]
     if errors:
         log.warning("%s: %d of %d samples could not be read and are left out of the metrics, e.g. %s",
                     predictions, len(errors), len(records), errors[0]["error"])
     records = [r for r in records if "error" not in r]
     out: dict[str, Any] = {"dataset": header["dataset"], "split": header["split"], "variant": header["variant"],
-                           "unreadable": len(errors)}
+                           "skipped": sum(ds.skipped.values()), "unreadable": len(errors)}
     if header["task"] == "vqa":
         vqa = VQAMeter()
         for r in records:

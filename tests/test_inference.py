@@ -179,8 +179,16 @@ def test_unreadable_samples_are_counted_and_left_out_of_the_metrics(workspace, s
     corrupt.write_bytes(b"not a png")
     Image.new("RGB", (7, 5)).save(resized)
     bad = sum(r["image_path"] in (corrupt, resized) for r in ds.records)
+    inst_path = tmp_path / "data" / "synthetic" / "refer_seg" / "refcoco" / "instances.json"
+    inst = json.loads(inst_path.read_text())
+    lost = ds.records[-1]["ann_ids"][0]  # its sentences are skipped when the split is read, and counted
+    inst["annotations"] = [a for a in inst["annotations"] if a["id"] != lost]
+    inst_path.write_text(json.dumps(inst))
+    skipped = sum(lost in r["ann_ids"] for r in ds.records)
+    ds = build_dataset(cfg.dataset, "val")
     m = _run(cfg, Oracle())
-    assert m["unreadable"] == bad and m["n"] == len(ds) - bad and m["cIoU"] == 1.0 and m["invalid_rate"] == 0.0
+    assert m["skipped"] == skipped > 0 and m["unreadable"] == bad and m["n"] == len(ds) - bad
+    assert m["cIoU"] == 1.0 and m["invalid_rate"] == 0.0
     records = read_shard(tmp_path / "out" / "predictions.jsonl")[1]
     errors = [r["error"] for r in records if "error" in r]
     assert len(records) == len(ds) and len(errors) == bad  # nothing lost: each keeps its line and its reason
