@@ -112,9 +112,10 @@ class MixtureDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Encoded:
         """Draw ``i``, encoded. A draw whose first turn alone exceeds ``max_length`` is replaced by
-        the next one that fits (each such example counted once in ``stats["too_long"]``):
-        skipping it instead would leave one rank a micro-step short, and DeepSpeed's ranks
-        then wait on each other for good."""
+        the next one that fits (each such example counted once in ``stats["too_long"]``).
+        Skipping it instead left its micro-batch short or empty and the ranks at different
+        places in the epoch, so a multi-rank run resumed from its checkpoint (one position
+        for all ranks) no longer followed the uninterrupted run."""
         for k in range(len(self.items)):
             name, j = self.items[(i + k) % len(self.items)]
             if (name, j) in self.too_long:
