@@ -405,6 +405,39 @@ def test_two_rank_zero2_cpu_run_through_the_deepspeed_launcher(workspace, tmp_pa
     assert (tmp_path / "ds" / "checkpoints" / "latest").read_text().strip() == "step-0000006"
 
 
+def test_two_rank_resume_with_dialogs_too_long_to_train_follows_the_straight_run(workspace, tmp_path):
+    """Too-long draws are replaced, so both ranks stay at one place in the epoch: the place a
+    checkpoint stores for all of them (skipping them instead, the resumed curve left this one)."""
+    from sam4mllm.data.base import load_image
+    from sam4mllm.training.data import build_mixture
+
+    cfg = workspace("train", "+exp=pqpp", "data.sources.vqav2.ratio=0")
+    a = instantiate(cfg.model)
+    data = build_mixture(cfg.data.sources, a, "pqpp")
+    first = []
+    for name, j in data.items[:40]:
+        ex = data.sources[name][0][j]
+        image = load_image(ex.image_path)
+        turns = pqpp_dialog(ex.expression, a.to_model_targets(ex.targets, image.shape[:2]), ex.task, a.fmt).turns
+        first.append(a.encode(Dialog(turns[:1]), image).length)
+    cut = int(np.median(first))
+    assert min(first) <= cut < max(first)  # some draws fit, some do not
+    common = [f"model.max_length={cut}", "data.sources.vqav2.ratio=0", "train.max_steps=6", "train.save_every=3",
+              "train.micro_batch_size=1", "train.grad_accum=1", "train.optimizer.lr=1e-3", "train.lora.dropout=0",
+              "save_final=false"]  # no dropout: only rank 0's RNG state is checkpointed
+    r = _deepspeed(workspace, tmp_path / "run", 2, *common)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "'too_long': 0" not in r.stdout + r.stderr
+    straight = _losses(tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step-0000003")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[:3]
+    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    r = _deepspeed(workspace, tmp_path / "run", 2, *common, "resume=true")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    resumed = _losses(tmp_path / "run")
+    assert [resumed[s] for s in range(4, 7)] == pytest.approx([straight[s] for s in range(4, 7)], abs=1e-6)
+
+
 @pytest.mark.parametrize("model", ["qwen2vl_7b", "qwen2_5vl_7b", "qwen3vl_8b", "llava_next_7b", "qwen_vl_chat"])
 def test_paper_size_backbones_fail_clearly_without_their_folder(workspace, model):
     from hydra.errors import InstantiationException
