@@ -407,7 +407,8 @@ def test_two_rank_zero2_cpu_run_through_the_deepspeed_launcher(workspace, tmp_pa
 
 def test_two_rank_resume_with_dialogs_too_long_to_train_follows_the_straight_run(workspace, tmp_path):
     """Too-long draws are replaced, so both ranks stay at one place in the epoch: the place a
-    checkpoint stores for all of them (skipping them instead, the resumed curve left this one)."""
+    checkpoint stores for all of them (skipping them instead, the resumed curve left this one);
+    and each rank's RNG comes back (with rank 0's for all, LoRA dropout left it too)."""
     from sam4mllm.data.base import load_image
     from sam4mllm.training.data import build_mixture
 
@@ -423,8 +424,8 @@ def test_two_rank_resume_with_dialogs_too_long_to_train_follows_the_straight_run
     cut = int(np.median(first))
     assert min(first) <= cut < max(first)  # some draws fit, some do not
     common = [f"model.max_length={cut}", "data.sources.vqav2.ratio=0", "train.max_steps=6", "train.save_every=3",
-              "train.micro_batch_size=1", "train.grad_accum=1", "train.optimizer.lr=1e-3", "train.lora.dropout=0",
-              "save_final=false"]  # no dropout: only rank 0's RNG state is checkpointed
+              "train.micro_batch_size=1", "train.grad_accum=1", "train.optimizer.lr=1e-3", "train.lora.dropout=0.3",
+              "save_final=false"]  # dropout: each rank's RNG must come back as it was
     r = _deepspeed(workspace, tmp_path / "run", 2, *common)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "'too_long': 0" not in r.stdout + r.stderr

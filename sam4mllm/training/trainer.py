@@ -329,13 +329,24 @@ class Trainer:
 
     # ----------------------------------------------------------- checkpoints
     def _state(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "micro": self.micro,
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+        return {"step": self.step, "epoch": self.epoch, "micro": self.micro}
+
+    def _rng_path(self, tag: str) -> Path:
+        return self.run_dir / "checkpoints" / f"{tag}.rng-rank{rank():05d}.pt"
 
     def save_checkpoint(self) -> None:
         """Save to ``run_dir/checkpoints``; a resume never sees a half-written checkpoint."""
         ckpt_dir = self.run_dir / "checkpoints"
         tag = f"step-{self.step:07d}"
+        # Every rank's own RNG (its dropout masks differ), written before "latest" can point at the tag.
+        rng = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+        if self.device.type == "cuda":
+            rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._rng_path(tag).with_suffix(".tmp")
+        torch.save(rng, tmp)
+        os.replace(tmp, self._rng_path(tag))
+        barrier()
         if self.use_ds:
             # DeepSpeed writes every rank's shard, then its "latest" pointer: the pointer moves last.
             self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=self._state())
@@ -356,10 +367,10 @@ class Trainer:
         ckpt_dir = self.run_dir / "checkpoints"
         if not (ckpt_dir / "latest").exists():
             raise FileNotFoundError(f"resume=true but {ckpt_dir}/latest does not exist")
+        tag = (ckpt_dir / "latest").read_text().strip()
         if self.use_ds:
-            _, state = self.engine.load_checkpoint(str(ckpt_dir))
+            _, state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
         else:
-            tag = (ckpt_dir / "latest").read_text().strip()
             state = torch.load(ckpt_dir / f"{tag}.pt", map_location="cpu", weights_only=True)
             model = self.engine.module if hasattr(self.engine, "module") else self.engine
             missing = set(state["model"]) - {n for n, _ in model.named_parameters()}
@@ -372,8 +383,11 @@ class Trainer:
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.micro = state["step"], state["epoch"], state["micro"]
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
+        rng = torch.load(self._rng_path(tag), map_location="cpu", weights_only=True)
+        torch.set_rng_state(rng["torch_rng"])
+        random.setstate(rng["python_rng"])
+        if "cuda_rng" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda_rng"], self.device)
         log.info("resumed from step %d (epoch %d, micro-batch %d)", self.step, self.epoch, self.micro)
 
     def save_final(self) -> None:
