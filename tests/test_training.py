@@ -478,6 +478,10 @@ def test_deepspeed_checkpoint_resume_follows_the_same_curve(workspace, tmp_path)
     resumed = _losses(tmp_path / "run")
     assert sorted(resumed) == list(range(1, 7))
     assert [resumed[s] for s in range(4, 7)] == pytest.approx([straight[s] for s in range(4, 7)], abs=1e-5)
+    (ckpt / "latest").write_text("step-0000003")  # as if saved by a rank that this run does not have
+    (ckpt / "step-0000003.rng-rank00000.pt").unlink()
+    r = run(f"run_dir={tmp_path / 'run'}", "resume=true")
+    assert r.returncode != 0 and "resume step-0000003 with as many ranks as saved it" in r.stderr
 
 
 def test_gradient_checkpointing_and_zero3_give_the_same_first_loss(workspace, tmp_path):

@@ -383,6 +383,8 @@ class Trainer:
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.micro = state["step"], state["epoch"], state["micro"]
+        if not self._rng_path(tag).exists():
+            raise FileNotFoundError(f"{self._rng_path(tag)} is missing: resume {tag} with as many ranks as saved it")
         rng = torch.load(self._rng_path(tag), map_location="cpu", weights_only=True)
         torch.set_rng_state(rng["torch_rng"])
         random.setstate(rng["python_rng"])
