@@ -368,6 +368,8 @@ class Trainer:
         if not (ckpt_dir / "latest").exists():
             raise FileNotFoundError(f"resume=true but {ckpt_dir}/latest does not exist")
         tag = (ckpt_dir / "latest").read_text().strip()
+        if not self._rng_path(tag).exists():  # before any weights load
+            raise FileNotFoundError(f"{self._rng_path(tag)} is missing: resume {tag} with as many ranks as saved it")
         if self.use_ds:
             _, state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
         else:
@@ -383,8 +385,6 @@ class Trainer:
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.micro = state["step"], state["epoch"], state["micro"]
-        if not self._rng_path(tag).exists():
-            raise FileNotFoundError(f"{self._rng_path(tag)} is missing: resume {tag} with as many ranks as saved it")
         rng = torch.load(self._rng_path(tag), map_location="cpu", weights_only=True)
         torch.set_rng_state(rng["torch_rng"])
         random.setstate(rng["python_rng"])
