@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from transformers import AutoImageProcessor
 
 from sam4mllm.codec import Point, TargetPrompt
 from sam4mllm.config import build
@@ -325,16 +327,28 @@ def test_final_adapter_and_merge(workspace, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["qwen2vl", "qwen2_5vl", "qwen3vl"])
-def test_max_pixels_caps_the_image_tokens_and_the_coordinates_follow(workspace, family):
+def test_max_pixels_caps_the_image_tokens_and_the_coordinates_follow(workspace, family, tmp_path):
+    built = instantiate(workspace("train", f"model=tiny_{family}").model).path
+    # The released folders keep min_pixels / max_pixels at the top of the image processor's
+    # config, where they override a `size` passed at load: the cap must win there too.
+    released = tmp_path / family
+    shutil.copytree(built, released)
+    cfg = json.loads((released / "processor_config.json").read_text())
+    size = cfg["image_processor"].pop("size")
+    cfg["image_processor"].update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+    (released / "processor_config.json").write_text(json.dumps(cfg))
     image = np.zeros((400, 600, 3), np.uint8)
-    full, small = (instantiate(workspace("train", f"model=tiny_{family}", *o).model)
-                   for o in ([], ["++model.max_pixels=3136"]))
-    n_tokens = [int(a.model_inputs(a.render(Dialog([("x", "y")])), image)["image_grid_thw"].prod())
-                for a in (full, small)]
-    assert n_tokens[1] <= 3136 // small.processor.image_processor.patch_size**2 < n_tokens[0]
-    h, w = full.coord_system(), small.coord_system()
-    if family == "qwen2_5vl":  # pixels of the resized input: the capped size, as the model sees it
-        assert h.resize((400, 600)) != w.resize((400, 600)) and np.prod(w.resize((400, 600))) <= 3136
+    for folder in (built, released):
+        full, small = Adapter(family, folder), Adapter(family, folder, max_pixels=3136)
+        grids = [a.model_inputs(a.render(Dialog([("x", "y")])), image)["image_grid_thw"][0] for a in (full, small)]
+        patch = small.processor.image_processor.patch_size
+        assert int(grids[1].prod()) <= 3136 // patch**2 < int(grids[0].prod())
+        if family == "qwen2_5vl":  # pixels of the resized input: the size the processor really made
+            assert tuple(small.coord_system().resize((400, 600))) == (grids[1][1] * patch, grids[1][2] * patch)
+    small.processor.save_pretrained(tmp_path / "run_final")  # what a run saves, and evaluation compares
+    assert AutoImageProcessor.from_pretrained(tmp_path / "run_final").size == small.processor.image_processor.size
+    with pytest.raises(ValueError, match="max_pixels=100 is below the processor's minimum"):
+        Adapter(family, built, max_pixels=100)
     with pytest.raises(ValueError, match="max_pixels applies to"):
         build(workspace("train", "model=tiny_llava_next", "++model.max_pixels=3136").model)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,13 +140,15 @@ class Adapter:
         model_kw = {**kw, "dtype": DTYPES[dtype]}
         if attn:
             model_kw["attn_implementation"] = attn
-        proc_kw = dict(kw)
-        if self.max_pixels is not None:  # through `size`, which coord_system reads, not a separate max_pixels
-            from transformers import AutoImageProcessor
-
-            lo = AutoImageProcessor.from_pretrained(self.path, **kw).size["shortest_edge"]
-            proc_kw["size"] = {"shortest_edge": min(lo, self.max_pixels), "longest_edge": self.max_pixels}
-        processor = AutoProcessor.from_pretrained(self.path, **proc_kw)
+        processor = AutoProcessor.from_pretrained(self.path, **kw)
+        if self.max_pixels is not None:
+            # Set on the loaded processor's `size`, the one rule its resize and coord_system both read
+            # (a `size` passed to from_pretrained loses to the top-level max_pixels of released folders).
+            ip = processor.image_processor
+            if ip.size["shortest_edge"] > self.max_pixels:
+                raise ValueError(f"model.max_pixels={self.max_pixels} is below the processor's minimum "
+                                 f"{ip.size['shortest_edge']} pixels")
+            ip.size = replace(ip.size, longest_edge=self.max_pixels)
         model = AutoModelForImageTextToText.from_pretrained(self.path, **model_kw).to(device)
         return processor, model
 
