@@ -8,7 +8,7 @@ not depend on the shard count. Metrics are always computed from that file
 answer is scored as an empty mask (IoU 0 for a target) and counted in
 ``invalid_rate``. A sample whose image cannot be read, or does not match its annotations,
 keeps its line in the predictions with the error, is left out of the metrics and is
-counted in ``unreadable``; annotation entries the loader skipped are counted in
+counted in ``unreadable`` (a resume retries it); annotation entries the loader skipped are counted in
 ``skipped`` (both with a warning).
 """
 
@@ -118,18 +118,18 @@ def evaluate(cfg: Any, predictor: Any = None) -> dict[str, Any] | None:
     mine = assign(range(len(ds)), index, count)
     with ShardWriter(shard_path(out_dir, index, count), {**header, "shard": index, "num_shards": count}) as w:
         todo = [(k, i) for k, i in mine if str(i) not in w.done]
-        if todo:
-            predictor = predictor or build_predictor(cfg)
+        if w.retried:
+            log.info("%s: retrying %d samples whose data could not be read before", w.path, w.retried)
         bar = tqdm(todo, desc=f"eval {cfg.dataset.name}/{split} [{index + 1}/{count}]", unit="sample",
                    initial=len(mine) - len(todo), total=len(mine), disable=not cfg.progress)
         for k, i in bar:
             try:
                 sample = ds[i]
-                rec = predict_sample(predictor, sample)
-                rec["sample_id"] = sample.sample_id
             except (CorruptImageError, MalformedSampleError, FileNotFoundError) as err:
-                rec = {"error": f"{type(err).__name__}: {err}", "valid": False}
-            w.write({"key": str(i), "index": k, **rec})
+                w.write({"key": str(i), "index": k, "error": f"{type(err).__name__}: {err}", "valid": False})
+                continue
+            predictor = predictor or build_predictor(cfg)  # not before: a resume may find nothing readable to do
+            w.write({"key": str(i), "index": k, **predict_sample(predictor, sample), "sample_id": sample.sample_id})
     merged = merge_shards(out_dir, count, len(ds), header, MERGED)
     if merged is None:
         return None

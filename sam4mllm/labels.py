@@ -210,8 +210,9 @@ def generate_labels(cfg: Any, segmenter_factory: Callable[[], Segmenter] | None 
     params = OmegaConf.to_container(cfg.labels, resolve=True)
     with ShardWriter(shard_path(out_dir, index, count), {**header, "shard": index, "num_shards": count}) as w:
         todo = [(k, it) for k, it in mine if it[0] not in w.done]
-        if len(todo) < len(mine):
-            log.info("resuming %s: %d of %d images already labelled", w.path, len(mine) - len(todo), len(mine))
+        if len(todo) < len(mine) or w.retried:
+            log.info("resuming %s: %d of %d images already labelled, %d that could not be read retried", w.path,
+                     len(mine) - len(todo), len(mine), w.retried)
         bar = tqdm(todo, desc=f"{cfg.variant} labels [{index + 1}/{count}]", unit="img", initial=len(mine) - len(todo),
                    total=len(mine), disable=not cfg.progress)
         for k, (key, rec_ids) in bar:
@@ -220,8 +221,8 @@ def generate_labels(cfg: Any, segmenter_factory: Callable[[], Segmenter] | None 
                 w.write({"key": key, "index": k, "image_path": str(ds.records[rec_ids[0]]["image_path"]),
                          "samples": samples})
             except (CorruptImageError, MalformedSampleError, FileNotFoundError) as err:
-                # Bad data is counted and kept in the output, so a resume does not retry it and nothing is
-                # silently lost; any other error (a bad setting, say) stops the job.
+                # Bad data is counted and kept in the output, so nothing is silently lost (a resume retries
+                # it); any other error (a bad setting, say) stops the job.
                 w.write({"key": key, "index": k, "error": f"{type(err).__name__}: {err}", "samples": []})
         errors = [r for r in w.records if "error" in r]
     if errors:

@@ -55,12 +55,18 @@ class ShardWriter:
     raised rather than mixing outputs. A file with no finished record yet is started
     afresh under ``header``: a run that stopped before its first item (a checkpoint path
     mistyped, say) left nothing to protect, and its fix changes the configuration.
+
+    A record with an ``error`` key is an item that failed on bad data (an unreadable
+    image, say). Reopening drops such records, counted in ``retried``, so the job tries
+    those items again: data repaired since is then used, and data still bad fails again
+    and is recorded again.
     """
 
     def __init__(self, path: str | Path, header: dict[str, Any]) -> None:
         self.path, self.header = Path(path), header
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records: list[dict[str, Any]] = []
+        self.retried = 0
         if self.path.exists():
             lines, good = _read_lines(self.path)
             self.records = lines[1:]
@@ -69,7 +75,12 @@ class ShardWriter:
                     f"{self.path} was written by another configuration ({lines[0].get('header')}); "
                     "delete it or choose another output directory"
                 )
-        if self.records:
+        kept = [r for r in self.records if "error" not in r]
+        self.retried = len(self.records) - len(kept)
+        if self.retried:
+            self.records = kept
+            write_records(self.path, header, kept)  # atomic: a kill now loses no finished item
+        elif self.records:
             with open(self.path, "r+b") as f:  # drop a line torn by a kill
                 f.truncate(good)
         else:

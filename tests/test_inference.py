@@ -170,7 +170,7 @@ def test_evaluator_scores_oracle_perfectly_and_counts_invalid(workspace, tmp_pat
     assert len(list((tmp_path / "a" / "overlays").glob("*.png"))) == 8
 
 
-def test_unreadable_samples_are_counted_and_left_out_of_the_metrics(workspace, synthetic, tmp_path):
+def test_unreadable_samples_are_counted_left_out_and_retried_on_resume(workspace, synthetic, tmp_path, monkeypatch):
     shutil.copytree(synthetic.root, tmp_path / "data" / "synthetic")
     cfg = _eval_cfg(workspace, tmp_path / "out", f"paths.data_dir={tmp_path / 'data'}")
     ds = build_dataset(cfg.dataset, "val")
@@ -194,6 +194,16 @@ def test_unreadable_samples_are_counted_and_left_out_of_the_metrics(workspace, s
     assert len(records) == len(ds) and len(errors) == bad  # nothing lost: each keeps its line and its reason
     assert {e.split(":")[0] for e in errors} == {"CorruptImageError", "MalformedSampleError"}
     assert rescore(tmp_path / "out" / "predictions.jsonl", cfg.dataset) == m
+    # A resume retries them: still unreadable, they are recorded again, and no model is loaded for them ...
+    monkeypatch.setattr("sam4mllm.evaluate.build_predictor", lambda cfg: pytest.fail("a model was loaded"))
+    assert evaluate(cfg) == m and read_shard(tmp_path / "out" / "predictions.jsonl")[1] == records
+    # ... repaired, they are predicted: the resumed output equals a fresh run's on the repaired data.
+    for path in (corrupt, resized):
+        shutil.copy(synthetic.root / path.relative_to(tmp_path / "data" / "synthetic"), path)
+    fresh = _eval_cfg(workspace, tmp_path / "fresh", f"paths.data_dir={tmp_path / 'data'}")
+    assert _run(cfg, Oracle()) == _run(fresh, Oracle()) and m["unreadable"] > 0
+    resumed, clean = (read_shard(d / "predictions.jsonl")[1] for d in (tmp_path / "out", tmp_path / "fresh"))
+    assert resumed == clean and not any("error" in r for r in clean)
 
 
 def test_evaluator_resumes_and_shards_merge_to_the_single_process_result(workspace, tmp_path):

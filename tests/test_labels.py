@@ -184,7 +184,8 @@ def test_labels_of_an_edited_dataset_are_not_resumed(synthetic, tmp_path):
         generate_labels(_cfg(data, tmp_path / "labels", "+exp=pqpp", "split=val"))
 
 
-def test_unreadable_images_are_counted_and_the_others_labelled_as_in_a_clean_run(synthetic, tmp_path):
+def test_unreadable_images_are_counted_the_others_labelled_as_in_a_clean_run_and_a_resume_retries(synthetic,
+                                                                                                  tmp_path):
     import shutil
 
     from PIL import Image
@@ -199,8 +200,13 @@ def test_unreadable_images_are_counted_and_the_others_labelled_as_in_a_clean_run
     records = read_shard(merged)[1]
     assert [r["error"].split(":")[0] for r in records[:2]] == ["CorruptImageError", "MalformedSampleError"]
     assert label_stats(merged)["errors"] == 2 and [r["key"] for r in records] == [r["key"] for r in clean]
-    strip = [{k: v for k, v in r.items() if k != "image_path"} for r in records[2:]]
-    assert strip == [{k: v for k, v in r.items() if k != "image_path"} for r in clean[2:]]
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k != "image_path"} for r in rs]
+
+    assert strip(records[2:]) == strip(clean[2:])
+    for path in (corrupt, resized):  # repaired: a resume labels them as a clean run does
+        shutil.copy(synthetic.root / path.relative_to(data / "synthetic"), path)
+    assert strip(read_shard(generate_labels(_cfg(data, tmp_path / "bad", "+exp=pqpp", "split=val")))[1]) == strip(clean)
 
 
 def test_a_bad_setting_stops_the_job_instead_of_marking_every_image_unreadable(synthetic, tmp_path):
