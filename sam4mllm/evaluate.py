@@ -29,6 +29,7 @@ from sam4mllm.config import build
 from sam4mllm.data import build_dataset
 from sam4mllm.data.errors import CorruptImageError, MalformedSampleError
 from sam4mllm.data.masks import decode_segmentation, encode_rle
+from sam4mllm.device import config_on_device
 from sam4mllm.metrics import SegmentationMeter, VQAMeter
 from sam4mllm.report import markdown_table
 from sam4mllm.shards import (
@@ -71,8 +72,7 @@ def _checkpoint_stamp(checkpoint: str | None) -> list[tuple[str, int, int]]:
 def _header(cfg: Any, split: str, data: str) -> dict[str, Any]:
     semantic = {"variant": cfg.variant, "checkpoint": str(cfg.checkpoint),
                 "checkpoint_files": _checkpoint_stamp(cfg.checkpoint), "data": data, "dataset": cfg.dataset.name,
-                "split": split, "model": OmegaConf.to_container(cfg.model, resolve=True),
-                "sam": OmegaConf.to_container(cfg.sam, resolve=True),
+                "split": split, "model": config_on_device(cfg.model), "sam": config_on_device(cfg.sam),
                 "eval": OmegaConf.to_container(cfg.eval, resolve=True), "seed": cfg.seed}
     digest = hashlib.sha256(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:16]
     # PQPP records keep only the answers above the threshold: rethreshold() must know it.

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from sam4mllm.config import build
 from sam4mllm.data import SegDataset, build_dataset
 from sam4mllm.data.errors import CorruptImageError, MalformedSampleError
+from sam4mllm.device import config_on_device
 from sam4mllm.sam.base import Segmenter
 from sam4mllm.shards import ShardWriter, assign, merge_shards, shard_from_env, shard_path
 
@@ -177,7 +178,7 @@ def _header(cfg: Any, segmenter_name: str, data: str) -> dict[str, Any]:
         "data": data,  # the annotation files' hash: labels of an edited dataset are not resumed
         "variant": cfg.variant,
         "labels": OmegaConf.to_container(cfg.labels, resolve=True),
-        "sam": OmegaConf.to_container(cfg.sam, resolve=True) if cfg.variant == "ppg" else None,
+        "sam": config_on_device(cfg.sam) if cfg.variant == "ppg" else None,
         "dataset": cfg.dataset.name,
         "split": cfg.split,
         "seed": cfg.seed,

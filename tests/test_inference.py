@@ -206,6 +206,14 @@ def test_unreadable_samples_are_counted_left_out_and_retried_on_resume(workspace
     assert resumed == clean and not any("error" in r for r in clean)
 
 
+def test_a_resume_on_the_same_kind_of_device_continues_and_on_another_is_refused(workspace, tmp_path, monkeypatch):
+    m = _run(_eval_cfg(workspace, tmp_path / "out", "model.device=auto"), Oracle())
+    assert _run(_eval_cfg(workspace, tmp_path / "out", "model.device=cpu"), Oracle()) == m
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # the same command on a GPU machine
+    with pytest.raises(FileExistsError, match="another configuration"):
+        _run(_eval_cfg(workspace, tmp_path / "out", "model.device=auto"), Oracle())
+
+
 def test_evaluator_resumes_and_shards_merge_to_the_single_process_result(workspace, tmp_path):
     single = _run(_eval_cfg(workspace, tmp_path / "one"), Oracle(garbage_every=3))
     ref = (tmp_path / "one" / "predictions.jsonl").read_bytes()
