@@ -8,8 +8,8 @@ not depend on the shard count. Metrics are always computed from that file
 answer is scored as an empty mask (IoU 0 for a target) and counted in
 ``invalid_rate``. A sample whose image cannot be read, or does not match its annotations,
 keeps its line in the predictions with the error, is left out of the metrics and is
-counted in ``unreadable`` (a resume retries it); annotation entries the loader skipped are counted in
-``skipped`` (both with a warning).
+counted in ``unreadable`` (a resume retries it); annotation entries the loader skipped
+are counted in ``skipped`` (both with a warning).
 """
 
 from __future__ import annotations

@@ -66,7 +66,6 @@ class ShardWriter:
         self.path, self.header = Path(path), header
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records: list[dict[str, Any]] = []
-        self.retried = 0
         if self.path.exists():
             lines, good = _read_lines(self.path)
             self.records = lines[1:]
