@@ -155,8 +155,33 @@ def test_a_dialog_too_long_to_train_is_replaced_by_the_next_that_fits(workspace,
     assert got[long_at] == got[(long_at + 1) % len(got)]  # every draw gives a full dialog: the next that fits
     assert data.stats["too_long"] == 1 and data.stats["dropped_turns"] == 0
     a.max_length = 20
-    with pytest.raises(ValueError, match=r"no dialog fits model.max_length=20 \(3 examples too long\)"):
+    with pytest.raises(ValueError, match=r"no example can be trained on: 3 too long for model.max_length=20, 0 "):
         data[0]
+
+
+def test_an_example_whose_image_is_unreadable_is_replaced_by_the_next_and_counted(workspace, synthetic, tmp_path,
+                                                                                    caplog):
+    from sam4mllm.data.base import load_image
+    from sam4mllm.training.data import Example, MixtureDataset
+
+    a = _adapter(workspace, "qwen2vl")
+    image = next((synthetic.root / "coco" / "train2014").glob("*.png"))
+    (tmp_path / "corrupt.png").write_bytes(b"not a png")
+    images = [image, tmp_path / "corrupt.png", image, tmp_path / "missing.png"]
+    target = {"box": [10.0, 10.0, 60.0, 70.0], "points": [[20, 30]], "labels": [1]}
+    examples = [Example(p, "seg", f"the shape number {k}", "res", [target]) for k, p in enumerate(images)]
+    data = MixtureDataset({"s": (examples, 1.0)}, a, "pqpp")
+    order = [j for _, j in data.items]
+    got = [data[i].inputs["input_ids"].tolist() for i in range(len(data))]  # a corrupt image used to crash here
+    for i in range(len(order)):
+        nxt = next(order[(i + k) % 4] for k in range(4) if images[order[(i + k) % 4]] == image)
+        assert got[i] == data.encode(examples[nxt], load_image(image)).inputs["input_ids"].tolist()
+    first_bad = next(images[j] for j in order if images[j] != image)
+    assert data.stats["unreadable"] == 2 and caplog.text.count("replaced by the next draw") == 1
+    assert first_bad.name in caplog.text  # logged when met, not only in the end-of-run summary
+    bad = MixtureDataset({"s": ([examples[1], examples[3]], 1.0)}, a, "pqpp")
+    with pytest.raises(ValueError, match=r"0 too long for model\.max_length=2048, 2 with a missing or corrupt image"):
+        bad[0]
 
 
 def test_dialog_shapes():
@@ -237,7 +262,7 @@ def test_a_run_with_nothing_to_feed_stops_with_the_reason_instead_of_waiting(wor
     off = ["data.sources.refcoco.ratio=0", "data.sources.grefcoco.ratio=0", "data.sources.vqav2.ratio=0"]
     with pytest.raises(ValueError, match=r"draws no example .*\{\}"):
         train(_cfg(workspace, tmp_path / "empty", "train.max_steps=2", *off))
-    with pytest.raises(ValueError, match=r"no dialog fits model.max_length=20 \(\d+ examples too long\)"):
+    with pytest.raises(ValueError, match=r"no example can be trained on: \d+ too long for model.max_length=20"):
         train(_cfg(workspace, tmp_path / "long", "train.max_steps=2", "model.max_length=20"))
 
 

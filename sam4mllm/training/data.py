@@ -16,6 +16,7 @@ import torch
 
 from sam4mllm.data import build_dataset
 from sam4mllm.data.base import load_image
+from sam4mllm.data.errors import CorruptImageError
 from sam4mllm.dialogs import Dialog, point_turns, ppg_dialog, pqpp_dialog, vqa_dialog
 from sam4mllm.models.adapter import Adapter, Encoded, SampleTooLongError
 from sam4mllm.shards import read_shard
@@ -79,7 +80,7 @@ class MixtureDataset(torch.utils.data.Dataset):
                  pqpp_mode: str = "per_point", seed: int = 0) -> None:
         self.sources, self.adapter, self.variant, self.pqpp_mode, self.seed = sources, adapter, variant, pqpp_mode, seed
         self.stats: Counter[str] = Counter()
-        self.too_long: set[tuple[str, int]] = set()
+        self.unusable: dict[tuple[str, int], str] = {}  # draw -> "too_long" or "unreadable"
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -111,27 +112,39 @@ class MixtureDataset(torch.utils.data.Dataset):
         return self.adapter.encode(dialog, image)
 
     def __getitem__(self, i: int) -> Encoded:
-        """Draw ``i``, encoded. A draw whose first turn alone exceeds ``max_length`` is replaced by
-        the next one that fits (each such example counted once in ``stats["too_long"]``).
-        Skipping it instead left its micro-batch short or empty and the ranks at different
-        places in the epoch, so a multi-rank run resumed from its checkpoint (one position
-        for all ranks) no longer followed the uninterrupted run."""
+        """Draw ``i``, encoded. A draw that cannot be trained on, because its first turn alone
+        exceeds ``max_length`` or its image is missing or corrupt, is replaced by the next one
+        that can (each such example counted once in ``stats["too_long"]`` or
+        ``stats["unreadable"]``; the first unreadable image is also logged when met, so a
+        long run says so early rather than crashing hours in). Skipping it instead left its
+        micro-batch short or empty and the ranks at different places in the epoch, so a
+        multi-rank run resumed from its checkpoint (one position for all ranks) no longer
+        followed the uninterrupted run."""
         for k in range(len(self.items)):
             name, j = self.items[(i + k) % len(self.items)]
-            if (name, j) in self.too_long:
+            if (name, j) in self.unusable:
                 continue
             ex = self.sources[name][0][j]
             try:
                 enc = self.encode(ex, load_image(ex.image_path))
             except SampleTooLongError:
-                self.too_long.add((name, j))
-                self.stats["too_long"] = len(self.too_long)
+                self._set_unusable(name, j, "too_long")
+                continue
+            except (CorruptImageError, FileNotFoundError) as err:
+                if not self.stats["unreadable"]:
+                    log.warning("source %s: %s; such examples are replaced by the next draw and counted", name, err)
+                self._set_unusable(name, j, "unreadable")
                 continue
             self.stats["dropped_turns"] += enc.dropped_turns
             self.stats["truncated_samples"] += enc.dropped_turns > 0
             return enc
-        raise ValueError(f"no dialog fits model.max_length={self.adapter.max_length} "
-                         f"({len(self.too_long)} examples too long)")
+        why = Counter(self.unusable.values())
+        raise ValueError(f"no example can be trained on: {why['too_long']} too long for model.max_length="
+                         f"{self.adapter.max_length}, {why['unreadable']} with a missing or corrupt image")
+
+    def _set_unusable(self, name: str, j: int, reason: str) -> None:
+        self.unusable[(name, j)] = reason
+        self.stats[reason] += 1
 
 
 def build_mixture(sources: Any, adapter: Adapter, variant: str, pqpp_mode: str = "per_point",

@@ -307,7 +307,7 @@ class Trainer:
             self.save_checkpoint()
             self.save_final()
         if rank() == 0 and self.data.stats:
-            log.info("dialog truncation: %s", dict(self.data.stats))
+            log.info("dialogs cut or replaced: %s", dict(self.data.stats))
         return history
 
     def _log(self, rec: dict[str, float]) -> None:
