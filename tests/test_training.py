@@ -21,6 +21,7 @@ from sam4mllm.codec import Point, TargetPrompt
 from sam4mllm.config import build
 from sam4mllm.dialogs import Dialog, point_turns, ppg_dialog, pqpp_dialog, vqa_dialog
 from sam4mllm.models.adapter import IGNORE_INDEX, Adapter
+from sam4mllm.shards import read_shard, write_records
 from sam4mllm.training.launch import env_tools_first, strip_local_rank
 from sam4mllm.training.trainer import apply_finetuning, lr_schedule, train
 
@@ -296,6 +297,21 @@ def test_kill_and_resume_follows_the_uninterrupted_loss_curve(workspace, tmp_pat
     assert sorted(resumed) == list(range(1, 9))
     assert [resumed[s] for s in range(1, 9)] == pytest.approx([h["loss"] for h in full], abs=1e-5)
     assert full[-1]["loss"] < full[0]["loss"]
+
+
+def test_a_resume_over_changed_data_is_refused_and_changed_settings_are_listed(workspace, tmp_path, caplog):
+    run, common = tmp_path / "run", ["train.save_every=2", "save_final=false"]
+    train(_cfg(workspace, run, "train.max_steps=2", *common))
+    train(_cfg(workspace, run, "train.max_steps=3", *common, "resume=true"))  # train longer: allowed, and said
+    assert "train.max_steps: 2 -> 3" in caplog.text and "resume:" not in caplog.text
+    assert "max_steps: 2" in (run / "config.yaml").read_text()  # the first run's config is kept
+    assert "max_steps: 3" in (run / "config.resumed-at-step-0000002.yaml").read_text()
+    cfg = _cfg(workspace, run, "train.max_steps=3", *common, "resume=true")
+    header, records = read_shard(Path(cfg.data.sources.refcoco.path))
+    write_records(tmp_path / "regenerated.jsonl", header, records[:-1])  # one image fewer
+    with pytest.raises(ValueError, match=r"source\(s\) \['refcoco'\] differ from the data step-0000002 was"):
+        train(_cfg(workspace, run, "train.max_steps=3", *common, "resume=true",
+                   f"data.sources.refcoco.path={tmp_path / 'regenerated.jsonl'}"))
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant", "wsd"])

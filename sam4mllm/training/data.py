@@ -5,6 +5,8 @@ No augmentation: flips and crops would change "left"/"right" (paper §3.3).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -97,6 +99,18 @@ class MixtureDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def fingerprint(self) -> dict[str, str]:
+        """Per source, a hash of its ratio and examples: what the draws depend on besides the seed.
+
+        A checkpoint stores it, so a resume over changed data (a labels file regenerated, a
+        source added) is refused rather than drawing other examples than the run it continues.
+        """
+        out = {}
+        for name, (examples, ratio) in sorted(self.sources.items()):
+            rows = [[str(e.image_path), e.kind, e.expression, e.task, e.targets, e.answer] for e in examples]
+            out[name] = hashlib.sha256(json.dumps([ratio, rows]).encode()).hexdigest()[:16]
+        return out
 
     def encode(self, ex: Example, image: np.ndarray) -> Encoded:
         """One example's training dialog, encoded (PQPP ``branch``: round 2 as branches after round 1)."""

@@ -3,8 +3,9 @@
 What trains (paper §4.1): peft LoRA on the LLM's linear layers plus the vision
 projector/resampler in full; nothing else. Lion, warm-up then a cosine (paper), constant
 or warmup-stable-decay schedule, per-device micro-batch with gradient accumulation.
-Checkpoints hold the trainable weights, optimizer, scheduler, step, data position and RNG
-state, and a resumed run follows the same loss curve as an uninterrupted one.
+Checkpoints hold the trainable weights, optimizer, scheduler, step, data position, every
+rank's RNG state, the config and a hash of the data; a resumed run follows the same loss
+curve as an uninterrupted one, and a resume over other data is refused.
 """
 
 from __future__ import annotations
@@ -156,6 +157,16 @@ def trainable_counts(model: torch.nn.Module) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------- recipe
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` from nested dicts (lists stay values)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
 class Trainer:
     """One training run: ``setup``, ``train``, ``save_checkpoint``, ``cleanup``."""
 
@@ -192,12 +203,15 @@ class Trainer:
         if self.total_steps < 1:
             raise ValueError(f"{len(self.data)} examples give no optimizer step at micro-batch "
                              f"{self.t.micro_batch_size} x accumulation {self.t.grad_accum} x {world()} ranks")
+        self.data_digest = self.data.fingerprint()
         self._build_optimization()
-        if self.cfg.resume:
-            self._load_checkpoint()
+        resumed = self._load_checkpoint() if self.cfg.resume else None
         if rank() == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+            # The first run's config stays in config.yaml; a resume with changes adds its own.
+            name = f"config.resumed-at-{resumed}.yaml" if resumed else "config.yaml"
+            if not resumed or self._config_changes(resumed):
+                (self.run_dir / name).write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
             log.info("trainable parameters: %s; %d examples; %d optimizer steps", self.counts, len(self.data),
                      self.total_steps)
         self._wandb = self._init_wandb()
@@ -334,6 +348,18 @@ class Trainer:
     def _rng_path(self, tag: str) -> Path:
         return self.run_dir / "checkpoints" / f"{tag}.rng-rank{rank():05d}.pt"
 
+    def _meta_path(self, tag: str) -> Path:
+        return self.run_dir / "checkpoints" / f"{tag}.meta.json"
+
+    def _config_changes(self, tag: str) -> list[str]:
+        """``key: saved -> now`` for every setting that differs from the config ``tag`` was saved under."""
+        if not self._meta_path(tag).exists():  # saved by an older version
+            return []
+        saved = _flatten(json.loads(self._meta_path(tag).read_text())["config"])
+        now = _flatten(OmegaConf.to_container(self.cfg, resolve=True))
+        return [f"{k}: {saved.get(k, '<unset>')} -> {now.get(k, '<unset>')}"
+                for k in sorted(saved.keys() | now.keys()) if k != "resume" and saved.get(k) != now.get(k)]
+
     def save_checkpoint(self) -> None:
         """Save to ``run_dir/checkpoints``; a resume never sees a half-written checkpoint."""
         ckpt_dir = self.run_dir / "checkpoints"
@@ -346,6 +372,12 @@ class Trainer:
         tmp = self._rng_path(tag).with_suffix(".tmp")
         torch.save(rng, tmp)
         os.replace(tmp, self._rng_path(tag))
+        if rank() == 0:  # what the step was trained on, readable without loading a weight
+            meta = {"step": self.step, "config": OmegaConf.to_container(self.cfg, resolve=True),
+                    "data": self.data_digest}
+            tmp = self._meta_path(tag).with_suffix(".tmp")
+            tmp.write_text(json.dumps(meta, indent=1))
+            os.replace(tmp, self._meta_path(tag))
         barrier()
         if self.use_ds:
             # DeepSpeed writes every rank's shard, then its "latest" pointer: the pointer moves last.
@@ -363,13 +395,28 @@ class Trainer:
             os.replace(ckpt_dir / ".latest.tmp", ckpt_dir / "latest")
         barrier()
 
-    def _load_checkpoint(self) -> None:
+    def _load_checkpoint(self) -> str:
         ckpt_dir = self.run_dir / "checkpoints"
         if not (ckpt_dir / "latest").exists():
             raise FileNotFoundError(f"resume=true but {ckpt_dir}/latest does not exist")
         tag = (ckpt_dir / "latest").read_text().strip()
         if not self._rng_path(tag).exists():  # before any weights load
             raise FileNotFoundError(f"{self._rng_path(tag)} is missing: resume {tag} with as many ranks as saved it")
+        saved = json.loads(self._meta_path(tag).read_text())["data"] if self._meta_path(tag).exists() else None
+        if saved is None:
+            log.warning("%s was saved by an older version, without %s: its data is not checked", tag,
+                        self._meta_path(tag).name)
+        elif saved != self.data_digest:
+            now = self.data_digest
+            changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+            raise ValueError(f"the training data of source(s) {changed} differ from the data {tag} was trained on "
+                             "(a labels file regenerated, a ratio or source changed): the resumed run would draw "
+                             "other examples than the run it continues. Restore that data, or train afresh in "
+                             "another run_dir")
+        changes = self._config_changes(tag)
+        if changes and rank() == 0:
+            log.warning("resuming %s with settings that differ from those it was saved under:\n  %s", tag,
+                        "\n  ".join(changes))
         if self.use_ds:
             _, state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
         else:
@@ -391,6 +438,7 @@ class Trainer:
         if "cuda_rng" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda_rng"], self.device)
         log.info("resumed from step %d (epoch %d, micro-batch %d)", self.step, self.epoch, self.micro)
+        return tag
 
     def save_final(self) -> None:
         """The final adapter (``save_pretrained``) and processor in ``run_dir/final``."""
