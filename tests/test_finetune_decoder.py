@@ -71,3 +71,61 @@ def test_grabcut_has_no_decoder(synthetic, tmp_path):
 
     with pytest.raises(ValueError, match="no SAM mask decoder"):
         finetune_decoder(_cfg(synthetic, tmp_path), GrabCutSegmenter())
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_weights(synthetic, tmp_path, monkeypatch):
+    import sam4mllm.sam.finetune as ft
+
+    def run(out, *extra):
+        torch.manual_seed(0)
+        seg = build_segment_anything("vit_b", allow_random_init=True, encoder=TINY)
+        finetune_decoder(_cfg(synthetic, out, "epochs=2", "lr=3e-4", "save_every=5", *extra), seg)
+        return seg.model.mask_decoder.state_dict()
+
+    straight = run(tmp_path / "straight")
+    real, calls = ft.decoder_step, []
+
+    def killed_at_12(*args):
+        calls.append(1)
+        if len(calls) == 12:
+            raise KeyboardInterrupt  # as a kill: the last state is step 10's
+        return real(*args)
+
+    monkeypatch.setattr(ft, "decoder_step", killed_at_12)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed")
+    monkeypatch.setattr(ft, "decoder_step", real)
+    with pytest.raises(FileExistsError, match="resume=true"):
+        run(tmp_path / "killed")
+    assert torch.load(tmp_path / "killed" / "state.pt", weights_only=True)["step"] == 10
+    resumed = run(tmp_path / "killed", "resume=true")
+    for k, v in straight.items():
+        assert torch.equal(v, resumed[k]), k
+    import json
+
+    logs = [json.loads((tmp_path / d / "train_log.json").read_text()) for d in ("straight", "killed")]
+    assert logs[0] == logs[1] and not (tmp_path / "killed" / "state.pt").exists()
+
+
+def test_unreadable_images_are_skipped_and_counted(synthetic, tmp_path):
+    import json
+    import shutil
+
+    from sam4mllm.sam.finetune import CocoInstances
+
+    shutil.copytree(synthetic.root, tmp_path / "data")
+    data = CocoInstances(tmp_path / "data/refer_seg/refcoco/instances.json", tmp_path / "data/coco/train2014",
+                         evaluation_image_ids(tmp_path / "data/refer_seg", ["refcoco", "grefcoco"]))
+    (tmp_path / "data/coco/train2014" / data.images[0]["file_name"]).write_bytes(b"not a png")
+    (tmp_path / "data/coco/train2014" / data.images[1]["file_name"]).unlink()
+    torch.manual_seed(0)
+    seg = build_segment_anything("vit_b", allow_random_init=True, encoder=TINY)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="finetune_sam_decoder", overrides=[
+            f"coco.instances={tmp_path}/data/refer_seg/refcoco/instances.json",
+            f"coco.image_dir={tmp_path}/data/coco/train2014", f"exclude.refer_root={tmp_path}/data/refer_seg",
+            "exclude.datasets=[refcoco,grefcoco]", f"out_dir={tmp_path}/out", "progress=false", "epochs=2"])
+    finetune_decoder(cfg, seg)  # used to crash at the first bad image
+    log = json.loads((tmp_path / "out/train_log.json").read_text())
+    assert sorted(e.split(":")[0] for e in log["skipped"]) == ["CorruptImageError", "FileNotFoundError"]
+    assert len(log["losses"]) == 2 * (len(data) - 2)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from sam4mllm.config import build
 from sam4mllm.data.base import load_image
-from sam4mllm.data.errors import DatasetNotFoundError, require
+from sam4mllm.data.errors import CorruptImageError, DatasetNotFoundError, MalformedSampleError, require
 from sam4mllm.data.masks import decode_segmentation
 from sam4mllm.data.refer import LAYOUT as REFER_LAYOUT
 from sam4mllm.data.unpickle import load_plain_pickle
@@ -66,11 +66,19 @@ class CocoInstances(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(image HxWx3, masks NxHxW, boxes Nx4 XYXY)``; bad data raises ``CorruptImageError``,
+        ``FileNotFoundError`` or ``MalformedSampleError``."""
         im = self.images[i]
-        image = load_image(self.image_dir / im["file_name"])
+        path = self.image_dir / im["file_name"]
+        image = load_image(path)
         h, w = image.shape[:2]
+        if (im.get("height", h), im.get("width", w)) != (h, w):
+            raise MalformedSampleError(f"{path} is {w}x{h} but the instances file says {im['width']}x{im['height']}")
         anns = self.anns[int(im["id"])][: self.max_instances]
-        masks = np.stack([decode_segmentation(a["segmentation"], h, w) for a in anns])
+        try:
+            masks = np.stack([decode_segmentation(a["segmentation"], h, w) for a in anns])
+        except ValueError as err:
+            raise MalformedSampleError(f"annotation of {path}: {err}") from err
         boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                           for a in anns], dtype=np.float64)
         return image, masks, boxes
@@ -111,7 +119,10 @@ def decoder_step(segmenter: Any, image: np.ndarray, masks: np.ndarray, boxes: np
 def finetune_decoder(cfg: Any, segmenter: Any = None) -> Path:
     """Train the mask decoder of ``cfg.sam`` on ``cfg.coco``; save ``mask_decoder.safetensors``.
 
-    Returns the checkpoint path; ``train_log.json`` beside it holds the per-step losses.
+    Returns the checkpoint path; ``train_log.json`` beside it holds the per-step losses and
+    the images skipped as unreadable. Every ``save_every`` steps the decoder, optimizer,
+    position and losses go to ``state.pt``, from which ``resume=true`` continues a killed
+    run exactly where it stopped (the same weights as an uninterrupted run).
     """
     from safetensors.torch import save_file
 
@@ -119,9 +130,12 @@ def finetune_decoder(cfg: Any, segmenter: Any = None) -> Path:
     if not hasattr(segmenter, "predictor"):
         raise ValueError(f"{segmenter.name} has no SAM mask decoder to fine-tune; choose a SAM-family sam/ config")
     out_dir = Path(cfg.out_dir)
-    ckpt = out_dir / "mask_decoder.safetensors"
+    ckpt, state_path = out_dir / "mask_decoder.safetensors", out_dir / "state.pt"
     if ckpt.exists() and not cfg.overwrite:
         raise FileExistsError(f"{ckpt} exists; set overwrite=true or choose another out_dir")
+    if state_path.exists() and not (cfg.resume or cfg.overwrite):
+        raise FileExistsError(f"{state_path} holds an unfinished run; set resume=true to continue it, "
+                              "overwrite=true to start again, or choose another out_dir")
     exclude = evaluation_image_ids(cfg.exclude.refer_root, list(cfg.exclude.datasets), cfg.exclude.require_all)
     data = CocoInstances(cfg.coco.instances, cfg.coco.image_dir, exclude, max_instances=cfg.max_instances)
     log.info("fine-tuning on %d images (%d excluded as refer val/test images)", len(data), data.excluded)
@@ -132,21 +146,59 @@ def finetune_decoder(cfg: Any, segmenter: Any = None) -> Path:
     model.mask_decoder.requires_grad_(True)
     model.mask_decoder.train()
     opt = torch.optim.AdamW(model.mask_decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rng = np.random.default_rng(cfg.seed)
-    losses: list[float] = []
-    for epoch in range(cfg.epochs):
-        for i in tqdm(rng.permutation(len(data)), desc=f"decoder epoch {epoch + 1}/{cfg.epochs}",
-                      disable=not cfg.progress):
-            loss = decoder_step(segmenter, *data[int(i)])
+    n = len(data)
+    state: dict[str, Any] = {"step": 0, "images": n, "losses": [], "skipped": []}
+    if cfg.resume:
+        if not state_path.exists():
+            raise FileNotFoundError(f"resume=true but {state_path} does not exist")
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.mask_decoder.load_state_dict(state.pop("decoder"))
+        opt.load_state_dict(state.pop("optimizer"))
+        torch.set_rng_state(state.pop("torch_rng"))
+        if state["images"] != n:  # the order of every epoch would differ
+            raise ValueError(f"{state_path} was trained on {state['images']} images, these settings give {n}; "
+                             "resume with the same COCO files and exclusion lists, or overwrite=true")
+        log.info("resuming %s at step %d", state_path, state["step"])
+    bar = tqdm(total=cfg.epochs * n, initial=state["step"], desc="decoder fine-tuning", disable=not cfg.progress)
+    start = state["step"]
+    for step in range(start, cfg.epochs * n):
+        epoch, pos = divmod(step, n)
+        if pos == 0 or step == start:  # each epoch's order depends on the seed and the epoch alone
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+        try:
+            sample = data[int(order[pos])]
+        except (CorruptImageError, MalformedSampleError, FileNotFoundError) as err:
+            if not state["skipped"]:
+                log.warning("%s; such images are skipped and counted in train_log.json", err)
+            if (why := f"{type(err).__name__}: {err}") not in state["skipped"]:  # once, not once per epoch
+                state["skipped"].append(why)
+        else:
+            loss = decoder_step(segmenter, *sample)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss.detach()))
+            state["losses"].append(float(loss.detach()))
+        state["step"] = step + 1
+        bar.update(1)
+        if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < cfg.epochs * n:
+            _save_state(state_path, state, model.mask_decoder, opt)
+    bar.close()
     model.mask_decoder.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = ckpt.with_suffix(".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in model.mask_decoder.state_dict().items()}, str(tmp))
     tmp.replace(ckpt)
-    (out_dir / "train_log.json").write_text(json.dumps({"losses": losses, "images": len(data),
-                                                        "excluded_images": data.excluded}))
+    (out_dir / "train_log.json").write_text(json.dumps({"losses": state["losses"], "images": n,
+                                                        "excluded_images": data.excluded,
+                                                        "skipped": state["skipped"]}))
+    state_path.unlink(missing_ok=True)  # finished: the decoder file is the result
     return ckpt
+
+
+def _save_state(path: Path, state: dict[str, Any], decoder: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Write the run's state atomically (a kill mid-write leaves the previous one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({**state, "decoder": decoder.state_dict(), "optimizer": opt.state_dict(),
+                "torch_rng": torch.get_rng_state()}, tmp)
+    tmp.replace(path)
