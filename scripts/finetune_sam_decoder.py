@@ -1,6 +1,7 @@
 """Fine-tune SAM's mask decoder on COCO (refer val/test images excluded).
 
     python scripts/finetune_sam_decoder.py sam.checkpoint=checkpoints/efficientvit_sam_xl1.pt
+    python scripts/finetune_sam_decoder.py sam.checkpoint=... resume=true   # continue a killed run
     # then evaluate with: sam.decoder_checkpoint=outputs/sam_decoder/mask_decoder.safetensors
 """
 
