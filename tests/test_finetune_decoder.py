@@ -15,8 +15,7 @@ from sam4mllm.sam.sam_family import build_segment_anything
 TINY = {"embed_dim": 96, "depth": 2, "num_heads": 2, "global_attn_indexes": [1]}
 
 
-def _cfg(synthetic, tmp_path, *extra):
-    root = synthetic.root
+def _cfg(root, tmp_path, *extra):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="finetune_sam_decoder", overrides=[
             f"coco.instances={root}/refer_seg/refcoco/instances.json", f"coco.image_dir={root}/coco/train2014",
@@ -49,7 +48,7 @@ def test_only_the_decoder_trains_the_loss_falls_and_the_checkpoint_loads(synthet
     torch.manual_seed(0)
     seg = build_segment_anything("vit_b", allow_random_init=True, encoder=TINY)
     frozen = {k: v.clone() for k, v in seg.model.state_dict().items() if not k.startswith("mask_decoder")}
-    ckpt = finetune_decoder(_cfg(synthetic, tmp_path, "epochs=2", "lr=3e-4"), seg)
+    ckpt = finetune_decoder(_cfg(synthetic.root, tmp_path, "epochs=2", "lr=3e-4"), seg)
     import json
 
     losses = json.loads((tmp_path / "train_log.json").read_text())["losses"]
@@ -63,14 +62,14 @@ def test_only_the_decoder_trains_the_loss_falls_and_the_checkpoint_loads(synthet
     for k, v in seg.model.mask_decoder.state_dict().items():
         assert torch.equal(v, reloaded.model.mask_decoder.state_dict()[k])
     with pytest.raises(FileExistsError, match="overwrite"):
-        finetune_decoder(_cfg(synthetic, tmp_path), seg)
+        finetune_decoder(_cfg(synthetic.root, tmp_path), seg)
 
 
 def test_grabcut_has_no_decoder(synthetic, tmp_path):
     from sam4mllm.sam.grabcut import GrabCutSegmenter
 
     with pytest.raises(ValueError, match="no SAM mask decoder"):
-        finetune_decoder(_cfg(synthetic, tmp_path), GrabCutSegmenter())
+        finetune_decoder(_cfg(synthetic.root, tmp_path), GrabCutSegmenter())
 
 
 def test_a_killed_run_resumes_to_the_uninterrupted_weights(synthetic, tmp_path, monkeypatch):
@@ -79,7 +78,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(synthetic, tmp_path, 
     def run(out, *extra):
         torch.manual_seed(0)
         seg = build_segment_anything("vit_b", allow_random_init=True, encoder=TINY)
-        finetune_decoder(_cfg(synthetic, out, "epochs=2", "lr=3e-4", "save_every=5", *extra), seg)
+        finetune_decoder(_cfg(synthetic.root, out, "epochs=2", "lr=3e-4", "save_every=5", *extra), seg)
         return seg.model.mask_decoder.state_dict()
 
     straight = run(tmp_path / "straight")
@@ -120,12 +119,7 @@ def test_unreadable_images_are_skipped_and_counted(synthetic, tmp_path):
     (tmp_path / "data/coco/train2014" / data.images[1]["file_name"]).unlink()
     torch.manual_seed(0)
     seg = build_segment_anything("vit_b", allow_random_init=True, encoder=TINY)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="finetune_sam_decoder", overrides=[
-            f"coco.instances={tmp_path}/data/refer_seg/refcoco/instances.json",
-            f"coco.image_dir={tmp_path}/data/coco/train2014", f"exclude.refer_root={tmp_path}/data/refer_seg",
-            "exclude.datasets=[refcoco,grefcoco]", f"out_dir={tmp_path}/out", "progress=false", "epochs=2"])
-    finetune_decoder(cfg, seg)  # used to crash at the first bad image
+    finetune_decoder(_cfg(tmp_path / "data", tmp_path / "out", "epochs=2"), seg)  # used to crash at a bad image
     log = json.loads((tmp_path / "out/train_log.json").read_text())
     assert sorted(e.split(":")[0] for e in log["skipped"]) == ["CorruptImageError", "FileNotFoundError"]
     assert len(log["losses"]) == 2 * (len(data) - 2)
