@@ -27,7 +27,7 @@ def test_synthetic_prepare_counts_match_the_generator(tmp_path, capsys):
     for split, c in manifest["refcoco"].items():
         assert by_split[split][1] == c["sentences"] and by_split[split][3] == c["images"]
     gres = {row[0]: row for row in tables["synthetic_gres"]}
-    assert gres["val"][6] == manifest["grefcoco"]["val"]["no_target"]
+    assert gres["val"][7] == manifest["grefcoco"]["val"]["no_target"]
     assert len(list((tmp_path / "ov/synthetic").glob("*.png"))) == 2
     assert "| val " in capsys.readouterr().out
 
@@ -40,7 +40,7 @@ def test_checking_real_layout_reports_against_official_counts(tmp_path, capsys):
         cfg = compose(config_name="prepare_data", overrides=[
             "dataset=refcoco", f"paths.data_dir={tmp_path}/synthetic"])
     rows = prepare_data(cfg)["refcoco"]
-    assert [r[2] for r in rows] == [120624, 10834, 5657, 5095]
+    assert [r[2] for r in rows] == [120624, 10834, 5657, 5095] and {r[5] for r in rows} == {"-"}
 
 
 def test_prepare_script_missing_data_fails_with_the_fix(tmp_path):
@@ -61,3 +61,21 @@ def test_prepare_script_generates_synthetic(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "synthetic/refer_seg/refcoco/refs(unc).p").exists()
     assert "synthetic_reasonseg" in r.stdout
+
+
+def test_check_images_counts_the_corrupt_and_the_mis_sized(tmp_path, caplog):
+    from PIL import Image
+
+    from sam4mllm.data import build_dataset
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        prepare_data(compose(config_name="prepare_data", overrides=[f"paths.data_dir={tmp_path}", "overlays=0",
+                                                                    *SMALL]))
+        cfg = compose(config_name="prepare_data", overrides=[
+            "dataset=refcoco", f"paths.data_dir={tmp_path}/synthetic", "check_images=true"])
+    val = build_dataset(cfg.dataset, "val").image_paths()
+    val[0].write_bytes(b"not a png")
+    Image.new("RGB", (7, 5)).save(val[1])
+    rows = {r[0]: r for r in prepare_data(cfg)["refcoco"]}
+    assert rows["val"][5] == 2 and rows["train"][5] == 0 and rows["val"][4] == 0
+    assert val[0].name in caplog.text and "is 7x5 but the annotations say" in caplog.text

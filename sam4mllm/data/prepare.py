@@ -8,10 +8,13 @@ from typing import Any
 
 import numpy as np
 from omegaconf import OmegaConf
+from tqdm.auto import tqdm
 
 from sam4mllm import CONFIG_DIR
 from sam4mllm.config import build
 from sam4mllm.data import build_dataset
+from sam4mllm.data.base import load_image
+from sam4mllm.data.errors import CorruptImageError
 from sam4mllm.data.synthetic import generate_synthetic
 from sam4mllm.report import markdown_table
 from sam4mllm.viz import save_overlay
@@ -20,22 +23,46 @@ log = logging.getLogger(__name__)
 SYNTHETIC_VIEWS = ("synthetic", "synthetic_gres", "synthetic_reasonseg", "synthetic_vqa")
 
 
-def split_counts(dataset_cfg: Any) -> list[list[object]]:
-    """Rows ``[split, samples, official, images, missing images, multi, no-target, skipped]``."""
+def split_counts(dataset_cfg: Any, check_images: bool = False) -> list[list[object]]:
+    """Rows ``[split, samples, official, images, missing images, unreadable images, multi, no-target, skipped]``.
+
+    ``check_images`` decodes every image that exists (slow on a full download) and counts
+    those that do not decode or differ in size from their annotations; otherwise that
+    column is ``-``.
+    """
     rows = []
     official = dataset_cfg.official_counts or {}
     for split in dataset_cfg.splits:
         ds = build_dataset(dataset_cfg, split)
         summary = ds.summary()
         missing = sum(not p.exists() for p in ds.image_paths())
-        rows.append([split, summary["samples"], official.get(split), summary["images"], missing,
+        bad = _unreadable_images(ds, f"{dataset_cfg.name}/{split}") if check_images else "-"
+        rows.append([split, summary["samples"], official.get(split), summary["images"], missing, bad,
                      summary["multi_target"], summary["no_target"], summary["skipped"]])
         for reason, n in ds.skipped.items():
             log.warning("%s/%s: skipped %d entries: %s", dataset_cfg.name, split, n, reason)
     return rows
 
 
-COUNT_HEADERS = ["split", "samples", "official", "images", "missing images", "multi-target", "no-target", "skipped"]
+COUNT_HEADERS = ["split", "samples", "official", "images", "missing images", "unreadable images", "multi-target",
+                 "no-target", "skipped"]
+
+
+def _unreadable_images(ds: Any, name: str) -> int:
+    """Images of ``ds`` that exist but do not decode, or whose size differs from the annotations'; each logged."""
+    sizes = {Path(r["image_path"]): (r.get("height"), r.get("width")) for r in ds.records}
+    bad = 0
+    for path in tqdm([p for p in sizes if p.exists()], desc=f"checking {name} images", unit="img"):
+        try:
+            h, w = load_image(path).shape[:2]
+        except CorruptImageError as err:
+            log.warning("%s", err)
+            bad += 1
+            continue
+        if sizes[path] != (None, None) and sizes[path] != (h, w):
+            log.warning("%s is %dx%d but the annotations say %sx%s", path, w, h, sizes[path][1], sizes[path][0])
+            bad += 1
+    return bad
 
 
 def prepare_data(cfg: Any) -> dict[str, list[list[object]]]:
@@ -54,7 +81,7 @@ def prepare_data(cfg: Any) -> dict[str, list[list[object]]]:
         if cfg.overlays:
             print(f"Overlays: {cfg.overlay_dir}")
     else:
-        tables[cfg.dataset.name] = split_counts(cfg.dataset)
+        tables[cfg.dataset.name] = split_counts(cfg.dataset, cfg.check_images)
         _print(cfg.dataset.name, tables[cfg.dataset.name])
     return tables
 
