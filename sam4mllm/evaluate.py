@@ -84,11 +84,11 @@ def _header(cfg: Any, split: str, data: str) -> dict[str, Any]:
 def predict_sample(predictor: Any, sample: Any) -> dict[str, Any]:
     """One prediction record (JSON-able)."""
     if sample.task == "vqa":
-        text, _ = predictor.generate(_vqa_question(sample.expression), sample.image)
-        return {"answer": text.strip(), "valid": True}
+        text, prefix = predictor.generate(_vqa_question(sample.expression), sample.image)
+        return {"answer": text.strip(), "valid": True, "truncated": prefix.truncated}
     r = predictor.segment(sample.image, sample.expression, sample.task)
     return {
-        "text": r.text, "valid": r.valid, "reason": r.reason, "no_target": r.no_target,
+        "text": r.text, "valid": r.valid, "reason": r.reason, "no_target": r.no_target, "truncated": r.truncated,
         "masks": [encode_rle(m) for m in r.masks], "boxes": np.asarray(r.boxes).tolist(),
         "points": [p.tolist() for p in r.points], "labels": [lb.tolist() for lb in r.labels],
         "confidences": [c.tolist() for c in r.confidences], "timings": r.timings,
@@ -154,8 +154,12 @@ def rescore(predictions: str | Path, dataset_cfg: Any) -> dict[str, Any]:
         log.warning("%s: %d of %d samples could not be read and are left out of the metrics, e.g. %s",
                     predictions, len(errors), len(records), errors[0]["error"])
     records = [r for r in records if "error" not in r]
+    truncated = sum(bool(r.get("truncated")) for r in records)
+    if truncated:  # e.g. a PPG answer for many gRefCOCO targets: its last targets are lost
+        log.warning("%s: %d of %d answers reached eval.max_new_tokens without ending and may miss their last "
+                    "targets; raise it", predictions, truncated, len(records))
     out: dict[str, Any] = {"dataset": header["dataset"], "split": header["split"], "variant": header["variant"],
-                           "skipped": sum(ds.skipped.values()), "unreadable": len(errors)}
+                           "skipped": sum(ds.skipped.values()), "unreadable": len(errors), "truncated": truncated}
     if header["task"] == "vqa":
         vqa = VQAMeter()
         for r in records:

@@ -44,6 +44,7 @@ class Prefix:
     ids: list[int]
     cache: Any = None
     rope_deltas: torch.Tensor | None = None
+    truncated: bool = False  # the answer reached max_new_tokens without ending: its tail may be cut
 
 
 @dataclass
@@ -72,6 +73,7 @@ class SegmentResult:
     reason: str = "ok"
     no_target: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    truncated: bool = False  # round 1's answer reached max_new_tokens without ending (targets may be cut)
 
     def union(self, size: tuple[int, int]) -> np.ndarray | None:
         """Union of the target masks; ``None`` for a no-target (or invalid) answer."""
@@ -137,12 +139,13 @@ class Sam4MLLM:
         segmenter: any promptable segmenter.
         variant: ``ppg``, ``pqpp`` or ``box_only``.
         pqpp: round-2 settings.
-        max_new_tokens: generation budget of a round (``min_new_tokens`` forces a length: benchmarks).
+        max_new_tokens: generation budget of a round (``min_new_tokens`` forces a length: benchmarks);
+            an answer that reaches it is flagged ``truncated``.
         seed: seeds random point sampling (per call, from the expression and image).
     """
 
     def __init__(self, adapter: Adapter, segmenter: Segmenter, variant: str = "pqpp", pqpp: PQPPConfig | None = None,
-                 max_new_tokens: int = 96, seed: int = 0, min_new_tokens: int = 0) -> None:
+                 max_new_tokens: int = 1024, seed: int = 0, min_new_tokens: int = 0) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}: use one of {VARIANTS}")
         self.adapter, self.segmenter, self.variant = adapter, segmenter, variant
@@ -172,10 +175,11 @@ class Sam4MLLM:
                                   eos_token_id=self.adapter.end_id, pad_token_id=self.adapter.pad_id,
                                   return_dict_in_generate=True, use_cache=True)
         new = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        truncated = self.adapter.end_id not in new and len(new) >= self.max_new_tokens
         if self.adapter.end_id in new:
             new = new[: new.index(self.adapter.end_id)]
         cache = getattr(out, "past_key_values", None) if keep_cache else None
-        prefix = Prefix(inputs, inputs["input_ids"][0].tolist() + new, cache, self._rope_deltas())
+        prefix = Prefix(inputs, inputs["input_ids"][0].tolist() + new, cache, self._rope_deltas(), truncated)
         return self.adapter.tokenizer.decode(new, skip_special_tokens=False), prefix
 
     def _parse(self, text: str, size: tuple[int, int]) -> ParseResult:
@@ -328,7 +332,8 @@ class Sam4MLLM:
         parsed = self._parse(text, size)
         if not parsed.valid or parsed.no_target:
             return SegmentResult([], np.zeros((0, 4)), text=text, valid=parsed.valid, reason=parsed.reason,
-                                 no_target=parsed.no_target, timings={"total": t["round1"] - t["start"]})
+                                 no_target=parsed.no_target, timings={"total": t["round1"] - t["start"]},
+                                 truncated=prefix.truncated)
         boxes = np.stack([self._to_pixels(tg.box, size) for tg in parsed.targets])
         points, labels, confs = [], [], []
         if self.variant == "ppg":
@@ -359,4 +364,5 @@ class Sam4MLLM:
         t["sam"] = time.perf_counter()
         timings = {"round1": t["round1"] - t["start"], "round2": t["round2"] - t["round1"],
                    "sam": t["sam"] - t["round2"], "total": t["sam"] - t["start"]}
-        return SegmentResult(masks, boxes, points, labels, confs, text, True, parsed.reason, False, timings)
+        return SegmentResult(masks, boxes, points, labels, confs, text, True, parsed.reason, False, timings,
+                             prefix.truncated)

@@ -113,6 +113,21 @@ def test_pqpp_keeps_confident_points_and_falls_back_to_the_box(adapter):
     assert len(r2.points[0]) == 0 and len(r2.masks) == 1  # no point survives: the box alone
 
 
+def test_an_answer_that_reaches_the_token_budget_is_flagged(adapter, monkeypatch):
+    m = Sam4MLLM(adapter, GrabCutSegmenter(), "ppg", max_new_tokens=4, min_new_tokens=4)
+    assert m.generate(box_question("x", "res"), IMAGE)[1].truncated  # made to reach the budget without its end
+    assert m.segment(IMAGE, "x").truncated
+    real = m.model.generate
+
+    def ends_at_the_budget(**kw):
+        out = real(**kw)
+        out.sequences[0, -1] = adapter.end_id  # the 4th new token ends the answer: nothing was cut
+        return out
+
+    monkeypatch.setattr(m.model, "generate", ends_at_the_budget)
+    assert not m.generate(box_question("x", "res"), IMAGE)[1].truncated and not m.segment(IMAGE, "x").truncated
+
+
 def test_invalid_and_no_target_answers(adapter):
     bad = Scripted(adapter, "pqpp", "I think it is the red one")
     r = bad.segment(_flat_image(), "x")
@@ -385,11 +400,15 @@ def test_vqa_evaluation_uses_the_official_accuracy(workspace, tmp_path):
 
     class Answers:
         def generate(self, question, image, keep_cache=False):
-            return lookup[(question.split("\n")[0], image_digest(image))], None
+            from sam4mllm.inference import Prefix
+
+            answer = lookup[(question.split("\n")[0], image_digest(image))]
+            return answer, Prefix({}, [], truncated=answer == "zebra")  # as if the budget had cut it
 
     m = evaluate(cfg, Answers())
     expected = 100 * np.mean([vqa_accuracy(a, r["answers"]) for a, r in zip(given, ds.records, strict=True)])
     assert m["accuracy"] == pytest.approx(expected) and 0 < m["accuracy"] < 100
+    assert m["truncated"] == given.count("zebra") > 0
 
 
 def test_joint_round_two_first_step_equals_a_single_forward(workspace):
