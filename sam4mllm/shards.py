@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from sam4mllm.atomic import write_atomic
+
 
 def shard_from_env(index: int | None = None, count: int | None = None) -> tuple[int, int]:
     """``(index, count)``: explicit values, else the launcher's ``RANK``/``WORLD_SIZE``, else ``(0, 1)``."""
@@ -135,14 +137,13 @@ def merge_shards(out_dir: Path, count: int, expected: int, header: dict[str, Any
 
 def write_records(path: Path, header: dict[str, Any], records: list[dict[str, Any]]) -> Path:
     """Write a complete (merged-format) file atomically: a header line, then one record per line."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps({"header": header}) + "\n")
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    tmp.replace(path)
-    return path
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            f.write(json.dumps({"header": header}) + "\n")
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+
+    return write_atomic(path, write)
 
 
 def iter_records(path: Path) -> Iterator[dict[str, Any]]:

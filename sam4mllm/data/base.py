@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sam4mllm.coords import Size, mask_to_box
-from sam4mllm.data.errors import CorruptImageError
+from sam4mllm.data.errors import CorruptImageError, MalformedSampleError
 
 Task = Literal["res", "gres", "reasonseg", "vqa"]
 
@@ -66,15 +66,20 @@ def boxes_of(masks: Sequence[np.ndarray]) -> np.ndarray:
     return np.array([mask_to_box(m) for m in masks], dtype=np.float64).reshape(-1, 4)
 
 
-def load_image(path: Path) -> np.ndarray:
-    """Read an image as ``HxWx3`` uint8 RGB; a corrupt file raises :class:`CorruptImageError`."""
+def load_image(path: Path, size: tuple[int, int] | None = None, sized_by: str = "the annotations say") -> np.ndarray:
+    """Read an image as ``HxWx3`` uint8 RGB; a corrupt file raises :class:`CorruptImageError`, and
+    one of another ``(H, W)`` than ``size`` (``sized_by``: who says so) :class:`MalformedSampleError`."""
     if not path.exists():
         raise FileNotFoundError(f"image {path} is missing (referenced by the annotations)")
     try:
         with Image.open(path) as im:
-            return np.array(im.convert("RGB"))  # a writable copy: torch warns on read-only arrays
+            image = np.array(im.convert("RGB"))  # a writable copy: torch warns on read-only arrays
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise CorruptImageError(f"cannot decode image {path}: {err}") from err
+    if size is not None and image.shape[:2] != tuple(size):
+        raise MalformedSampleError(f"{path} is {image.shape[1]}x{image.shape[0]} but {sized_by} "
+                                   f"{size[1]}x{size[0]}")
+    return image
 
 
 class SegDataset(Sequence[Sample]):

@@ -14,7 +14,7 @@ from sam4mllm import CONFIG_DIR
 from sam4mllm.config import build
 from sam4mllm.data import build_dataset
 from sam4mllm.data.base import load_image
-from sam4mllm.data.errors import CorruptImageError
+from sam4mllm.data.errors import CorruptImageError, MalformedSampleError
 from sam4mllm.data.synthetic import generate_synthetic
 from sam4mllm.report import markdown_table
 from sam4mllm.viz import save_overlay
@@ -50,17 +50,13 @@ COUNT_HEADERS = ["split", "samples", "official", "images", "missing images", "un
 
 def _unreadable_images(ds: Any, name: str) -> int:
     """Images of ``ds`` that exist but do not decode, or whose size differs from the annotations'; each logged."""
-    sizes = {Path(r["image_path"]): (r.get("height"), r.get("width")) for r in ds.records}
+    sizes = {Path(r["image_path"]): (r["height"], r["width"]) if "height" in r else None for r in ds.records}
     bad = 0
     for path in tqdm([p for p in sizes if p.exists()], desc=f"checking {name} images", unit="img"):
         try:
-            h, w = load_image(path).shape[:2]
-        except CorruptImageError as err:
+            load_image(path, sizes[path])
+        except (CorruptImageError, MalformedSampleError) as err:
             log.warning("%s", err)
-            bad += 1
-            continue
-        if sizes[path] != (None, None) and sizes[path] != (h, w):
-            log.warning("%s is %dx%d but the annotations say %sx%s", path, w, h, sizes[path][1], sizes[path][0])
             bad += 1
     return bad
 

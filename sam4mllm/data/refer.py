@@ -125,12 +125,8 @@ class ReferDataset(SegDataset):
             })
 
     def load(self, record: dict[str, Any]) -> Sample:
-        image = load_image(record["image_path"])
         h, w = record["height"], record["width"]
-        if image.shape[:2] != (h, w):
-            raise MalformedSampleError(
-                f"{record['image_path']} is {image.shape[1]}x{image.shape[0]} but instances.json says {w}x{h}"
-            )
+        image = load_image(record["image_path"], (h, w), "instances.json says")
         anns = [self.anns[a] for a in record["ann_ids"]]
         try:
             masks = [decode_segmentation(a["segmentation"], h, w) for a in anns]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sam4mllm.atomic import write_atomic
 from sam4mllm.config import build
 from sam4mllm.data.base import load_image
 from sam4mllm.data.errors import CorruptImageError, DatasetNotFoundError, MalformedSampleError, require
@@ -70,10 +71,9 @@ class CocoInstances(torch.utils.data.Dataset):
         ``FileNotFoundError`` or ``MalformedSampleError``."""
         im = self.images[i]
         path = self.image_dir / im["file_name"]
-        image = load_image(path)
+        image = load_image(path, (im["height"], im["width"]) if "height" in im and "width" in im else None,
+                           "the instances file says")
         h, w = image.shape[:2]
-        if (im.get("height", h), im.get("width", w)) != (h, w):
-            raise MalformedSampleError(f"{path} is {w}x{h} but the instances file says {im['width']}x{im['height']}")
         anns = self.anns[int(im["id"])][: self.max_instances]
         try:
             masks = np.stack([decode_segmentation(a["segmentation"], h, w) for a in anns])
@@ -152,12 +152,12 @@ def finetune_decoder(cfg: Any, segmenter: Any = None) -> Path:
         if not state_path.exists():
             raise FileNotFoundError(f"resume=true but {state_path} does not exist")
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.mask_decoder.load_state_dict(state.pop("decoder"))
-        opt.load_state_dict(state.pop("optimizer"))
-        torch.set_rng_state(state.pop("torch_rng"))
         if state["images"] != n:  # the order of every epoch would differ
             raise ValueError(f"{state_path} was trained on {state['images']} images, these settings give {n}; "
                              "resume with the same COCO files and exclusion lists, or overwrite=true")
+        model.mask_decoder.load_state_dict(state.pop("decoder"))
+        opt.load_state_dict(state.pop("optimizer"))
+        torch.set_rng_state(state.pop("torch_rng"))
         log.info("resuming %s at step %d", state_path, state["step"])
     bar = tqdm(total=cfg.epochs * n, initial=state["step"], desc="decoder fine-tuning", disable=not cfg.progress)
     start = state["step"]
@@ -185,9 +185,8 @@ def finetune_decoder(cfg: Any, segmenter: Any = None) -> Path:
     bar.close()
     model.mask_decoder.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.mask_decoder.state_dict().items()}, str(tmp))
-    tmp.replace(ckpt)
+    decoder = {k: v.detach().contiguous().cpu() for k, v in model.mask_decoder.state_dict().items()}
+    write_atomic(ckpt, lambda tmp: save_file(decoder, str(tmp)))
     (out_dir / "train_log.json").write_text(json.dumps({"losses": state["losses"], "images": n,
                                                         "excluded_images": data.excluded,
                                                         "skipped": state["skipped"]}))
@@ -198,7 +197,5 @@ def finetune_decoder(cfg: Any, segmenter: Any = None) -> Path:
 def _save_state(path: Path, state: dict[str, Any], decoder: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
     """Write the run's state atomically (a kill mid-write leaves the previous one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({**state, "decoder": decoder.state_dict(), "optimizer": opt.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp)
-    tmp.replace(path)
+    full = {**state, "decoder": decoder.state_dict(), "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}
+    write_atomic(path, lambda tmp: torch.save(full, tmp))

@@ -26,6 +26,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from sam4mllm.atomic import write_atomic
 from sam4mllm.config import build
 from sam4mllm.device import resolve_device
 from sam4mllm.training.data import build_mixture
@@ -205,12 +206,12 @@ class Trainer:
                              f"{self.t.micro_batch_size} x accumulation {self.t.grad_accum} x {world()} ranks")
         self.data_digest = self.data.fingerprint()
         self._build_optimization()
-        resumed = self._load_checkpoint() if self.cfg.resume else None
+        resumed, changes = self._load_checkpoint() if self.cfg.resume else (None, [])
         if rank() == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # The first run's config stays in config.yaml; a resume with changes adds its own.
             name = f"config.resumed-at-{resumed}.yaml" if resumed else "config.yaml"
-            if not resumed or self._config_changes(resumed):
+            if not resumed or changes:
                 (self.run_dir / name).write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
             log.info("trainable parameters: %s; %d examples; %d optimizer steps", self.counts, len(self.data),
                      self.total_steps)
@@ -351,14 +352,27 @@ class Trainer:
     def _meta_path(self, tag: str) -> Path:
         return self.run_dir / "checkpoints" / f"{tag}.meta.json"
 
-    def _config_changes(self, tag: str) -> list[str]:
-        """``key: saved -> now`` for every setting that differs from the config ``tag`` was saved under."""
-        if not self._meta_path(tag).exists():  # saved by an older version
+    def _check_resume(self, tag: str) -> list[str]:
+        """Refuse to resume ``tag`` over other data; return ``key: saved -> now`` for each changed setting."""
+        if not self._meta_path(tag).exists():
+            log.warning("%s was saved by an older version, without %s: its data and settings are not checked",
+                        tag, self._meta_path(tag).name)
             return []
-        saved = _flatten(json.loads(self._meta_path(tag).read_text())["config"])
-        now = _flatten(OmegaConf.to_container(self.cfg, resolve=True))
-        return [f"{k}: {saved.get(k, '<unset>')} -> {now.get(k, '<unset>')}"
-                for k in sorted(saved.keys() | now.keys()) if k != "resume" and saved.get(k) != now.get(k)]
+        meta = json.loads(self._meta_path(tag).read_text())
+        saved, now = meta["data"], self.data_digest
+        if saved != now:
+            changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+            raise ValueError(f"the training data of source(s) {changed} differ from the data {tag} was trained on "
+                             "(a labels file regenerated, a ratio or source changed): the resumed run would draw "
+                             "other examples than the run it continues. Restore that data, or train afresh in "
+                             "another run_dir")
+        saved, now = _flatten(meta["config"]), _flatten(OmegaConf.to_container(self.cfg, resolve=True))
+        changes = [f"{k}: {saved.get(k, '<unset>')} -> {now.get(k, '<unset>')}"
+                   for k in sorted(saved.keys() | now.keys()) if k != "resume" and saved.get(k) != now.get(k)]
+        if changes and rank() == 0:
+            log.warning("resuming %s with settings that differ from those it was saved under:\n  %s", tag,
+                        "\n  ".join(changes))
+        return changes
 
     def save_checkpoint(self) -> None:
         """Save to ``run_dir/checkpoints``; a resume never sees a half-written checkpoint."""
@@ -369,15 +383,11 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._rng_path(tag).with_suffix(".tmp")
-        torch.save(rng, tmp)
-        os.replace(tmp, self._rng_path(tag))
+        write_atomic(self._rng_path(tag), lambda tmp: torch.save(rng, tmp))
         if rank() == 0:  # what the step was trained on, readable without loading a weight
             meta = {"step": self.step, "config": OmegaConf.to_container(self.cfg, resolve=True),
                     "data": self.data_digest}
-            tmp = self._meta_path(tag).with_suffix(".tmp")
-            tmp.write_text(json.dumps(meta, indent=1))
-            os.replace(tmp, self._meta_path(tag))
+            write_atomic(self._meta_path(tag), lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
         barrier()
         if self.use_ds:
             # DeepSpeed writes every rank's shard, then its "latest" pointer: the pointer moves last.
@@ -387,36 +397,19 @@ class Trainer:
             trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
             state = {"model": trainable, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                      **self._state()}
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt_dir / f".{tag}.tmp"
-            torch.save(state, tmp)
-            os.replace(tmp, ckpt_dir / f"{tag}.pt")
-            (ckpt_dir / ".latest.tmp").write_text(tag)
-            os.replace(ckpt_dir / ".latest.tmp", ckpt_dir / "latest")
+            write_atomic(ckpt_dir / f"{tag}.pt", lambda tmp: torch.save(state, tmp))
+            write_atomic(ckpt_dir / "latest", lambda tmp: tmp.write_text(tag))
         barrier()
 
-    def _load_checkpoint(self) -> str:
+    def _load_checkpoint(self) -> tuple[str, list[str]]:
+        """Restore the latest checkpoint; return its tag and the settings changed since (see ``_check_resume``)."""
         ckpt_dir = self.run_dir / "checkpoints"
         if not (ckpt_dir / "latest").exists():
             raise FileNotFoundError(f"resume=true but {ckpt_dir}/latest does not exist")
         tag = (ckpt_dir / "latest").read_text().strip()
         if not self._rng_path(tag).exists():  # before any weights load
             raise FileNotFoundError(f"{self._rng_path(tag)} is missing: resume {tag} with as many ranks as saved it")
-        saved = json.loads(self._meta_path(tag).read_text())["data"] if self._meta_path(tag).exists() else None
-        if saved is None:
-            log.warning("%s was saved by an older version, without %s: its data is not checked", tag,
-                        self._meta_path(tag).name)
-        elif saved != self.data_digest:
-            now = self.data_digest
-            changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
-            raise ValueError(f"the training data of source(s) {changed} differ from the data {tag} was trained on "
-                             "(a labels file regenerated, a ratio or source changed): the resumed run would draw "
-                             "other examples than the run it continues. Restore that data, or train afresh in "
-                             "another run_dir")
-        changes = self._config_changes(tag)
-        if changes and rank() == 0:
-            log.warning("resuming %s with settings that differ from those it was saved under:\n  %s", tag,
-                        "\n  ".join(changes))
+        changes = self._check_resume(tag)
         if self.use_ds:
             _, state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
         else:
@@ -438,7 +431,7 @@ class Trainer:
         if "cuda_rng" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda_rng"], self.device)
         log.info("resumed from step %d (epoch %d, micro-batch %d)", self.step, self.epoch, self.micro)
-        return tag
+        return tag, changes
 
     def save_final(self) -> None:
         """The final adapter (``save_pretrained``) and processor in ``run_dir/final``."""
