@@ -152,25 +152,43 @@ def label_image(
     params: dict[str, Any],
     rng: np.random.Generator,
     segmenter: Segmenter | None,
-) -> list[dict[str, Any]]:
-    """Labels of every sentence of one image; a target shared by sentences is labelled once."""
-    samples = [ds.load(ds.records[i]) for i in record_ids]
-    if variant == "ppg":
-        assert segmenter is not None
-        segmenter.set_image(samples[0].image)
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Labels of every sentence of one image, and the sentences left out, each with its error.
+
+    A target shared by sentences is labelled once. A sentence with a malformed annotation
+    (an RLE of another size, a mask with no pixel in its box) is left out alone, so the
+    image's other sentences keep their labels; an image that cannot be read, or whose every
+    sentence is malformed, raises.
+    """
     done: dict[str, dict[str, Any]] = {}
-    out = []
-    for s in samples:
-        ann_ids = s.meta.get("ann_ids") or [f"{s.sample_id}/{j}" for j in range(len(s.masks))]
-        targets = []
-        for ann, mask, box in zip(ann_ids, s.masks, s.boxes, strict=True):
-            key = str(ann)
-            if key not in done:
-                done[key] = (ppg_label(segmenter, mask, box, rng, **params) if variant == "ppg"  # type: ignore[arg-type]
-                             else pqpp_label(mask, box, rng, **params))
-            targets.append(done[key])
+    out: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    first_error: MalformedSampleError | None = None
+    embedded = False
+    for i in record_ids:
+        try:
+            s = ds.load(ds.records[i])
+            if variant == "ppg" and not embedded:
+                assert segmenter is not None
+                segmenter.set_image(s.image)
+                embedded = True
+            ann_ids = s.meta.get("ann_ids") or [f"{s.sample_id}/{j}" for j in range(len(s.masks))]
+            targets = []
+            for ann, mask, box in zip(ann_ids, s.masks, s.boxes, strict=True):
+                key = str(ann)
+                if key not in done:
+                    done[key] = (ppg_label(segmenter, mask, box, rng, **params) if variant == "ppg"  # type: ignore[arg-type]
+                                 else pqpp_label(mask, box, rng, **params))
+                targets.append(done[key])
+        except MalformedSampleError as err:
+            first_error = first_error or err
+            skipped.append({"record": i, "expression": ds.records[i].get("expression"),
+                            "error": f"{type(err).__name__}: {err}"})
+            continue
         out.append({"sample_id": s.sample_id, "expression": s.expression, "task": s.task, "targets": targets})
-    return out
+    if not out and first_error is not None:
+        raise first_error  # nothing of this image was labelled: an image-level error, retried on resume
+    return out, skipped
 
 
 def _header(cfg: Any, segmenter_name: str, data: str) -> dict[str, Any]:
@@ -218,16 +236,21 @@ def generate_labels(cfg: Any, segmenter_factory: Callable[[], Segmenter] | None 
                    total=len(mine), disable=not cfg.progress)
         for k, (key, rec_ids) in bar:
             try:
-                samples = label_image(ds, rec_ids, cfg.variant, params, _image_rng(cfg.seed, key), segmenter)
+                samples, skipped = label_image(ds, rec_ids, cfg.variant, params, _image_rng(cfg.seed, key),
+                                               segmenter)
                 w.write({"key": key, "index": k, "image_path": str(ds.records[rec_ids[0]]["image_path"]),
-                         "samples": samples})
+                         "samples": samples, **({"skipped": skipped} if skipped else {})})
             except (CorruptImageError, MalformedSampleError, FileNotFoundError) as err:
                 # Bad data is counted and kept in the output, so nothing is silently lost (a resume retries
                 # it); any other error (a bad setting, say) stops the job.
                 w.write({"key": key, "index": k, "error": f"{type(err).__name__}: {err}", "samples": []})
         errors = [r for r in w.records if "error" in r]
+        skipped = [s for r in w.records for s in r.get("skipped", [])]
     if errors:
         log.warning("%d of %d images could not be labelled, e.g. %s", len(errors), len(mine), errors[0]["error"])
+    if skipped:
+        log.warning("%d sentences left out for a malformed annotation (their images' other sentences are "
+                    "labelled), e.g. %r: %s", len(skipped), skipped[0]["expression"], skipped[0]["error"])
     merged = merge_shards(out_dir, count, len(items), header, MERGED_NAME)
     if merged:
         log.info("labels merged into %s", merged)
@@ -238,14 +261,15 @@ def label_stats(path: Path) -> dict[str, float | int]:
     """Counts and mean PPG IoU of a merged labels file."""
     from sam4mllm.shards import iter_records
 
-    n_img = n_err = n_samples = n_no_target = 0
+    n_img = n_err = n_skipped = n_samples = n_no_target = 0
     ious = []
     for r in iter_records(path):
         n_img += 1
         n_err += "error" in r
+        n_skipped += len(r.get("skipped", []))
         for s in r["samples"]:
             n_samples += 1
             n_no_target += not s["targets"]
             ious += [t["iou"] for t in s["targets"] if "iou" in t]
-    return {"images": n_img, "errors": n_err, "samples": n_samples, "no_target": n_no_target,
-            "mean_iou": float(np.mean(ious)) if ious else float("nan")}
+    return {"images": n_img, "errors": n_err, "skipped_sentences": n_skipped, "samples": n_samples,
+            "no_target": n_no_target, "mean_iou": float(np.mean(ious)) if ious else float("nan")}

@@ -209,6 +209,43 @@ def test_unreadable_images_are_counted_the_others_labelled_as_in_a_clean_run_and
     assert strip(read_shard(generate_labels(_cfg(data, tmp_path / "bad", "+exp=pqpp", "split=val")))[1]) == strip(clean)
 
 
+def test_a_malformed_annotation_leaves_out_its_sentences_only(synthetic, tmp_path):
+    """The image's other sentences keep their labels; the left-out ones are listed and counted."""
+    import shutil
+
+    from pycocotools import mask as mask_utils
+
+    from sam4mllm.data.refer import ReferDataset
+
+    clean = read_shard(generate_labels(_cfg(_data_dir(synthetic), tmp_path / "clean", "+exp=pqpp", "split=val")))[1]
+    data = tmp_path / "data"
+    shutil.copytree(synthetic.root, data / "synthetic")
+    ds = ReferDataset(data / "synthetic/refer_seg", "refcoco", "val", data / "synthetic/coco/train2014")
+    first = [r for r in ds.records if r["image_id"] == ds.records[0]["image_id"]]
+    # The image's last target is labelled last, so the labels drawn before it equal a clean run's.
+    bad_ann = first[-1]["ann_ids"][0]
+    assert len({r["ann_ids"][0] for r in first}) > 1
+    inst = data / "synthetic/refer_seg/refcoco/instances.json"
+    js = json.loads(inst.read_text())
+    rle = mask_utils.encode(np.zeros((first[0]["height"] + 1, first[0]["width"]), np.uint8, order="F"))
+    next(a for a in js["annotations"] if a["id"] == bad_ann)["segmentation"] = {
+        "size": rle["size"], "counts": rle["counts"].decode()}
+    inst.write_text(json.dumps(js))
+
+    merged = generate_labels(_cfg(data, tmp_path / "bad", "+exp=pqpp", "split=val"))
+    records = read_shard(merged)[1]
+    left_out = [r["expression"] for r in first if r["ann_ids"] == [bad_ann]]
+    assert [s["expression"] for s in records[0]["skipped"]] == left_out
+    assert all(s["error"].startswith("MalformedSampleError") for s in records[0]["skipped"])
+    kept = [s for s in clean[0]["samples"] if s["expression"] not in left_out]
+    assert records[0]["samples"] == kept and kept
+    assert [{k: v for k, v in r.items() if k != "image_path"} for r in records[1:]] == [
+        {k: v for k, v in r.items() if k != "image_path"} for r in clean[1:]]
+    stats = label_stats(merged)
+    assert (stats["errors"], stats["skipped_sentences"]) == (0, len(left_out))
+    assert stats["samples"] == sum(len(r["samples"]) for r in clean) - len(left_out)
+
+
 def test_a_bad_setting_stops_the_job_instead_of_marking_every_image_unreadable(synthetic, tmp_path):
     with pytest.raises(ValueError, match="unknown point sampling 'bogus'"):
         generate_labels(_cfg(_data_dir(synthetic), tmp_path / "out", "+exp=pqpp", "labels.sampling=bogus"))
