@@ -178,7 +178,7 @@ class Sam4MLLM:
         truncated = self.adapter.end_id not in new and len(new) >= self.max_new_tokens
         if self.adapter.end_id in new:
             new = new[: new.index(self.adapter.end_id)]
-        cache = getattr(out, "past_key_values", None) if keep_cache else None
+        cache = out.cache if keep_cache else None
         prefix = Prefix(inputs, inputs["input_ids"][0].tolist() + new, cache, self._rope_deltas(), truncated)
         return self.adapter.tokenizer.decode(new, skip_special_tokens=False), prefix
 
@@ -209,7 +209,7 @@ class Sam4MLLM:
         cache = None
         if with_cache:
             self._reset_rope()
-            cache = self.model(**trimmed, use_cache=True).past_key_values
+            cache = self.model(**trimmed, use_cache=True).cache
         return Prefix(trimmed, ids, cache, self._rope_deltas())
 
     def _continuations(self, prefix: Prefix, questions: Sequence[str], start: int, split: bool = True
