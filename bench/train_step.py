@@ -76,7 +76,7 @@ def gpu_7b_lora_step(seq_len: int = 2048, batch: int = 2) -> dict[str, float]:
     spec = FAMILIES["qwen2vl"]
     model = get_peft_model(model, LoraConfig(r=256, lora_alpha=128, lora_dropout=0.05, target_modules=spec.lora_regex,
                                              modules_to_save=list(spec.trainable)))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     opt = Lion([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.1)
     ds = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},

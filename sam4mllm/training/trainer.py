@@ -122,7 +122,7 @@ def apply_finetuning(adapter: Any, train_cfg: Any) -> dict[str, int]:
     else:
         raise ValueError(f"train.finetune must be lora or full, got {train_cfg.finetune!r}")
     if train_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if train_cfg.finetune == "lora":
             model.enable_input_require_grads()
     adapter.model = model
