@@ -245,12 +245,12 @@ def generate_labels(cfg: Any, segmenter_factory: Callable[[], Segmenter] | None 
                 # it); any other error (a bad setting, say) stops the job.
                 w.write({"key": key, "index": k, "error": f"{type(err).__name__}: {err}", "samples": []})
         errors = [r for r in w.records if "error" in r]
-        skipped = [s for r in w.records for s in r.get("skipped", [])]
+        left_out = [s for r in w.records for s in r.get("skipped", [])]
     if errors:
         log.warning("%d of %d images could not be labelled, e.g. %s", len(errors), len(mine), errors[0]["error"])
-    if skipped:
+    if left_out:
         log.warning("%d sentences left out for a malformed annotation (their images' other sentences are "
-                    "labelled), e.g. %r: %s", len(skipped), skipped[0]["expression"], skipped[0]["error"])
+                    "labelled), e.g. %r: %s", len(left_out), left_out[0]["expression"], left_out[0]["error"])
     merged = merge_shards(out_dir, count, len(items), header, MERGED_NAME)
     if merged:
         log.info("labels merged into %s", merged)
