@@ -209,7 +209,8 @@ def test_unreadable_images_are_counted_the_others_labelled_as_in_a_clean_run_and
     assert strip(read_shard(generate_labels(_cfg(data, tmp_path / "bad", "+exp=pqpp", "split=val")))[1]) == strip(clean)
 
 
-def test_a_malformed_annotation_leaves_out_its_sentences_only(synthetic, tmp_path):
+@pytest.mark.parametrize("variant, fault", [("pqpp", "rle of another size"), ("ppg", "box off the mask")])
+def test_a_malformed_annotation_leaves_out_its_sentences_only(synthetic, tmp_path, variant, fault):
     """The image's other sentences keep their labels; the left-out ones are listed and counted."""
     import shutil
 
@@ -217,7 +218,8 @@ def test_a_malformed_annotation_leaves_out_its_sentences_only(synthetic, tmp_pat
 
     from sam4mllm.data.refer import ReferDataset
 
-    clean = read_shard(generate_labels(_cfg(_data_dir(synthetic), tmp_path / "clean", "+exp=pqpp", "split=val")))[1]
+    clean = read_shard(generate_labels(_cfg(_data_dir(synthetic), tmp_path / "clean", f"+exp={variant}",
+                                            "split=val")))[1]
     data = tmp_path / "data"
     shutil.copytree(synthetic.root, data / "synthetic")
     ds = ReferDataset(data / "synthetic/refer_seg", "refcoco", "val", data / "synthetic/coco/train2014")
@@ -227,12 +229,16 @@ def test_a_malformed_annotation_leaves_out_its_sentences_only(synthetic, tmp_pat
     assert len({r["ann_ids"][0] for r in first}) > 1
     inst = data / "synthetic/refer_seg/refcoco/instances.json"
     js = json.loads(inst.read_text())
-    rle = mask_utils.encode(np.zeros((first[0]["height"] + 1, first[0]["width"]), np.uint8, order="F"))
-    next(a for a in js["annotations"] if a["id"] == bad_ann)["segmentation"] = {
-        "size": rle["size"], "counts": rle["counts"].decode()}
+    ann = next(a for a in js["annotations"] if a["id"] == bad_ann)
+    if fault == "rle of another size":
+        rle = mask_utils.encode(np.zeros((first[0]["height"] + 1, first[0]["width"]), np.uint8, order="F"))
+        ann["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}
+    else:  # a box in the top-left corner, where the object is not: PPG finds no positive point in it
+        assert not ds.load(first[-1]).masks[0][:2, :2].any()
+        ann["bbox"] = [0, 0, 2, 2]
     inst.write_text(json.dumps(js))
 
-    merged = generate_labels(_cfg(data, tmp_path / "bad", "+exp=pqpp", "split=val"))
+    merged = generate_labels(_cfg(data, tmp_path / "bad", f"+exp={variant}", "split=val"))
     records = read_shard(merged)[1]
     left_out = [r["expression"] for r in first if r["ann_ids"] == [bad_ann]]
     assert [s["expression"] for s in records[0]["skipped"]] == left_out
