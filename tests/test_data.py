@@ -61,6 +61,25 @@ def test_malformed_segmentation_raises(segm):
         decode_segmentation(segm, 4, 4)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e8, -1e8])
+def test_a_polygon_vertex_that_would_crash_the_rasteriser_raises(bad):
+    """pycocotools segfaulted, or was killed for memory, on such a vertex (measured: NaN, inf, 1e8)."""
+    with pytest.raises(ValueError, match=r"finite|outside"):
+        decode_segmentation([[1.0, 1.0, bad, 5.0, 8.0, 8.0]], 20, 20)
+    with pytest.raises(ValueError, match=r"finite|outside"):
+        rasterize_shapes([{"label": "target", "points": [[1.0, 1.0], [bad, 5.0], [8.0, 8.0]]}], 20, 20)
+
+
+def test_a_polygon_vertex_a_little_outside_the_image_is_clipped():
+    assert decode_segmentation([[-15.0, -15.0, 35.0, -15.0, 35.0, 35.0, -15.0, 35.0]], 20, 20).all()
+
+
+@pytest.mark.parametrize("counts", [[-5, 405], [5, 10], [5, 394.5]])
+def test_uncompressed_rle_counts_must_cover_the_image(counts):
+    with pytest.raises(ValueError, match="uncompressed RLE"):
+        decode_segmentation({"size": [20, 20], "counts": counts}, 20, 20)
+
+
 def test_rle_size_mismatch_raises():
     with pytest.raises(ValueError, match="does not match"):
         decode_segmentation(encode_rle(np.ones((3, 3), bool)), 4, 4)
@@ -314,6 +333,11 @@ def test_reasonseg_malformed_json_and_shapes_are_counted(tmp_path, synthetic):
     ann = json.loads(jsons[2].read_text())
     ann["shapes"][0]["points"][1] = [3]  # would only fail when painted, mid-evaluation
     jsons[2].write_text(json.dumps(ann))
+    ann = json.loads(jsons[3].read_text())
+    ann["shapes"][0]["points"][1] = [float("nan"), 3.0]  # Python's json reads and writes NaN
+    jsons[3].write_text(json.dumps(ann))
     ds = ReasonSegDataset(root, "val")
     assert ds.skipped == {"malformed json": 1, "image missing": 1, "malformed shape": 1}
     assert len(ds) == len(jsons) - 3
+    with pytest.raises(MalformedSampleError, match="not a finite number"):  # a counted error, not a crash
+        ds.load(next(r for r in ds.records if r["json_path"] == jsons[3]))

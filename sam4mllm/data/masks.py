@@ -8,6 +8,24 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 
+def check_polygon(coords: Any, height: int, width: int) -> None:
+    """Raise ``ValueError`` unless every vertex of a flat ``[x1, y1, x2, y2, ...]`` polygon is a
+    finite number at most one image size outside the ``height x width`` image.
+
+    Vertices a little outside the image are common and are clipped when painted, but
+    pycocotools rasterises the whole outline: a NaN, an infinity or a vertex at 1e8 made it
+    crash the process (a segfault, or the kernel's out-of-memory kill), which no caller can catch.
+    """
+    xy = np.asarray(coords, dtype=float).reshape(-1, 2)
+    if not np.isfinite(xy).all():
+        raise ValueError("polygon has a coordinate that is not a finite number")
+    far = (xy < [-width, -height]) | (xy > [2 * width, 2 * height])
+    if far.any():
+        x, y = xy[far.any(1)][0]
+        raise ValueError(f"polygon vertex ({x:g}, {y:g}) lies more than the image's size outside the "
+                         f"{width}x{height} image")
+
+
 def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
     """Decode a COCO ``segmentation`` (polygon list, RLE dict with list or str counts).
 
@@ -16,11 +34,16 @@ def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
     if isinstance(segm, list):
         if not segm or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segm):
             raise ValueError("polygon segmentation must be a non-empty list of [x1, y1, x2, y2, ...] with >= 3 points")
+        for polygon in segm:
+            check_polygon(polygon, height, width)
         rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
     elif isinstance(segm, dict) and "counts" in segm and "size" in segm:
         if list(segm["size"]) != [height, width]:
             raise ValueError(f"RLE size {segm['size']} does not match image size {[height, width]}")
         if isinstance(segm["counts"], list):  # uncompressed RLE (COCO iscrowd annotations)
+            counts = segm["counts"]
+            if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != height * width:
+                raise ValueError(f"uncompressed RLE counts must be non-negative integers summing to {height}x{width}")
             rle = mask_utils.frPyObjects(segm, height, width)
         else:
             counts = segm["counts"]

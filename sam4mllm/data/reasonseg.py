@@ -16,7 +16,8 @@ import cv2
 import numpy as np
 
 from sam4mllm.data.base import Sample, SegDataset, boxes_of, load_image
-from sam4mllm.data.errors import require
+from sam4mllm.data.errors import MalformedSampleError, require
+from sam4mllm.data.masks import check_polygon
 
 LAYOUT = """\
 <data_dir>/
@@ -43,12 +44,16 @@ def _paint(canvas: np.ndarray, points: Any, value: int) -> None:
 
 
 def rasterize_shapes(shapes: list[dict[str, Any]], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(target, ignore)`` bool masks of labelme ``shapes`` under the ReasonSeg convention."""
+    """``(target, ignore)`` bool masks of labelme ``shapes`` under the ReasonSeg convention.
+
+    Raises ``ValueError`` for a vertex that is not finite or lies far outside the image.
+    """
     painted = []
     for shape in shapes:
         label = str(shape["label"]).lower()
         if label == "flag":
             continue
+        check_polygon(shape["points"], height, width)
         tmp = np.zeros((height, width), np.uint8)
         _paint(tmp, shape["points"], 1)
         painted.append((int(tmp.sum()), label, shape["points"]))
@@ -107,7 +112,10 @@ class ReasonSegDataset(SegDataset):
         image = load_image(record["image_path"])
         h, w = image.shape[:2]
         shapes = json.loads(Path(record["json_path"]).read_text())["shapes"]
-        target, ignore = rasterize_shapes(shapes, h, w)
+        try:
+            target, ignore = rasterize_shapes(shapes, h, w)
+        except ValueError as err:
+            raise MalformedSampleError(f"{record['json_path']}: {err}") from err
         masks = [target] if target.any() else []
         stem = Path(record["image_path"]).stem
         return Sample(
