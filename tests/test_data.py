@@ -3,6 +3,8 @@ import json
 import os
 import pickle
 import shutil
+import struct
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -300,6 +302,13 @@ def test_corrupt_and_missing_images_raise_clearly(tmp_path, synthetic):
         ds[0]
     Image.new("RGB", (7, 5)).save(path)
     with pytest.raises(MalformedSampleError, match=r"is 7x5 but instances\.json says"):
+        ds[0]
+    # A PNG whose header claims 30000x30000 pixels: PIL refuses it as a decompression bomb.
+    png = bytearray(path.read_bytes())
+    png[16:24] = struct.pack(">II", 30000, 30000)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    path.write_bytes(bytes(png))
+    with pytest.raises(CorruptImageError, match="decompression bomb"):
         ds[0]
     # An RLE of another size passes the structural check at indexing; decoding finds it.
     target = next(r for r in ds.records if r["ann_ids"] and r["image_path"] != path)

@@ -74,7 +74,8 @@ def load_image(path: Path, size: tuple[int, int] | None = None, sized_by: str = 
     try:
         with Image.open(path) as im:
             image = np.array(im.convert("RGB"))  # a writable copy: torch warns on read-only arrays
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
+        # A header claiming billions of pixels is refused by PIL before it allocates them.
         raise CorruptImageError(f"cannot decode image {path}: {err}") from err
     if size is not None and image.shape[:2] != tuple(size):
         raise MalformedSampleError(f"{path} is {image.shape[1]}x{image.shape[0]} but {sized_by} "
