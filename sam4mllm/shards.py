@@ -35,15 +35,22 @@ def shard_path(out_dir: Path, index: int, count: int) -> Path:
 
 
 def _read_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """Complete JSON lines of ``path`` and the byte length they span (a torn tail is excluded)."""
+    """Complete JSON lines of ``path`` and the byte length they span.
+
+    A torn last line (a process killed mid-write) is excluded; a broken line with more
+    lines after it is damage that no kill makes, and raises rather than losing them.
+    """
     records, good = [], 0
     with open(path, "rb") as f:
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break
+        for n, raw in enumerate(f, 1):
             try:
+                if not raw.endswith(b"\n"):
+                    raise ValueError("no line end")
                 records.append(json.loads(raw))
-            except json.JSONDecodeError:
+            except ValueError:  # json.JSONDecodeError included
+                if f.read().strip():
+                    raise ValueError(f"{path}, line {n}, is not a complete JSON record but more lines follow it: "
+                                     "the file is damaged; regenerate it or remove that line") from None
                 break
             good += len(raw)
     return records, good
