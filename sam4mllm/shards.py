@@ -34,11 +34,12 @@ def shard_path(out_dir: Path, index: int, count: int) -> Path:
     return Path(out_dir) / f"shard-{index:05d}-of-{count:05d}.jsonl"
 
 
-def _read_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
+def _read_lines(path: Path, partial: bool = True) -> tuple[list[dict[str, Any]], int]:
     """Complete JSON lines of ``path`` and the byte length they span.
 
-    A torn last line (a process killed mid-write) is excluded; a broken line with more
-    lines after it is damage that no kill makes, and raises rather than losing them.
+    A torn last line (a shard's process killed mid-write) is excluded when ``partial``;
+    a file written whole (``partial=False``) never has one. A broken line with more lines
+    after it is damage that no kill makes: either raises rather than losing records.
     """
     records, good = [], 0
     with open(path, "rb") as f:
@@ -51,6 +52,9 @@ def _read_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
                 if f.read().strip():
                     raise ValueError(f"{path}, line {n}, is not a complete JSON record but more lines follow it: "
                                      "the file is damaged; regenerate it or remove that line") from None
+                if not partial:
+                    raise ValueError(f"{path} ends in a torn line ({n}), which a file written whole never has: "
+                                     "it is damaged; regenerate it") from None
                 break
             good += len(raw)
     return records, good
@@ -114,9 +118,9 @@ class ShardWriter:
         self.close()
 
 
-def read_shard(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``(header, records)`` of a shard or merged file."""
-    lines, _ = _read_lines(path)
+def read_shard(path: Path, partial: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``(header, records)`` of a merged file, or with ``partial`` of a shard (a torn last line left out)."""
+    lines, _ = _read_lines(path, partial)
     if not lines or "header" not in lines[0]:
         raise ValueError(f"{path} has no header line")
     return lines[0]["header"], lines[1:]
@@ -133,7 +137,7 @@ def merge_shards(out_dir: Path, count: int, expected: int, header: dict[str, Any
         p = shard_path(out_dir, i, count)
         if not p.exists():
             return None
-        records += read_shard(p)[1]
+        records += read_shard(p, partial=True)[1]
     if len(records) < expected:
         return None
     records.sort(key=lambda r: r["index"])

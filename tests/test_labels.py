@@ -255,9 +255,9 @@ def test_a_malformed_annotation_leaves_out_its_sentences_only(synthetic, tmp_pat
     assert stats["samples"] == sum(len(r["samples"]) for r in clean) - len(left_out)
 
 
-def test_a_broken_line_inside_a_labels_file_is_an_error_and_a_torn_last_line_is_left_out(tmp_path):
-    """Only a kill tears a line, and only the last one: a broken line with records after it used
-    to end the read there, silently dropping every record that followed."""
+def test_a_broken_line_inside_a_labels_file_is_an_error_and_a_torn_last_line_only_in_a_shard(tmp_path):
+    """Only a kill tears a line, and only the last line of a shard being written: a broken line
+    used to end the read there, silently dropping every record that followed."""
     from sam4mllm.shards import write_records
 
     path = write_records(tmp_path / "labels.jsonl", {"variant": "pqpp"}, [{"index": i} for i in range(3)])
@@ -266,7 +266,9 @@ def test_a_broken_line_inside_a_labels_file_is_an_error_and_a_torn_last_line_is_
     with pytest.raises(ValueError, match="line 3, is not a complete JSON record but more lines follow"):
         read_shard(path)
     path.write_bytes(b"".join(lines[:3]) + lines[3][:5])
-    assert read_shard(path) == ({"variant": "pqpp"}, [{"index": 0}, {"index": 1}])
+    assert read_shard(path, partial=True) == ({"variant": "pqpp"}, [{"index": 0}, {"index": 1}])  # a shard
+    with pytest.raises(ValueError, match="ends in a torn line"):  # a merged file is written whole
+        read_shard(path)
 
 
 def test_a_bad_setting_stops_the_job_instead_of_marking_every_image_unreadable(synthetic, tmp_path):
