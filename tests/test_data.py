@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from sam4mllm.data import CorruptImageError, DatasetNotFoundError, MalformedSampleError
-from sam4mllm.data.masks import decode_segmentation, encode_rle, encode_uncompressed_rle
+from sam4mllm.data.masks import coco_box, decode_segmentation, encode_rle, encode_uncompressed_rle
 from sam4mllm.data.reasonseg import ReasonSegDataset, rasterize_shapes
 from sam4mllm.data.refer import ReferDataset
 from sam4mllm.data.synthetic import FORMAT_VERSION, SyntheticConfig, generate_synthetic
@@ -80,6 +80,14 @@ def test_a_polygon_vertex_a_little_outside_the_image_is_clipped():
 def test_uncompressed_rle_counts_must_cover_the_image(counts):
     with pytest.raises(ValueError, match="uncompressed RLE"):
         decode_segmentation({"size": [20, 20], "counts": counts}, 20, 20)
+
+
+def test_coco_box_is_xyxy_and_a_broken_bbox_raises():
+    assert coco_box({"bbox": [2, 3.5, 10, 0]}) == [2.0, 3.5, 12.0, 3.5]
+    for bad in ({}, {"bbox": [1, 2, 3]}, {"bbox": [1, 2, float("nan"), 4]}, {"bbox": [1, 2, -3, 4]},
+                {"bbox": ["1", 2, 3, 4]}):
+        with pytest.raises(ValueError, match="bbox must be"):
+            coco_box(bad)
 
 
 def test_rle_size_mismatch_raises():

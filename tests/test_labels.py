@@ -210,7 +210,7 @@ def test_unreadable_images_are_counted_the_others_labelled_as_in_a_clean_run_and
 
 
 @pytest.mark.parametrize("variant, fault", [("pqpp", "rle of another size"), ("pqpp", "nan vertex"),
-                                            ("ppg", "box off the mask")])
+                                            ("pqpp", "no bbox"), ("ppg", "box off the mask")])
 def test_a_malformed_annotation_leaves_out_its_sentences_only(synthetic, tmp_path, variant, fault):
     """The image's other sentences keep their labels; the left-out ones are listed and counted."""
     import shutil
@@ -236,6 +236,8 @@ def test_a_malformed_annotation_leaves_out_its_sentences_only(synthetic, tmp_pat
         ann["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}
     elif fault == "nan vertex":  # Python's json writes and reads NaN; pycocotools crashed on it
         ann["segmentation"] = [[1.0, 1.0, float("nan"), 5.0, 8.0, 8.0]]
+    elif fault == "no bbox":
+        del ann["bbox"]
     else:  # a box in the top-left corner, where the object is not: PPG finds no positive point in it
         assert not ds.load(first[-1]).masks[0][:2, :2].any()
         ann["bbox"] = [0, 0, 2, 2]

@@ -26,6 +26,17 @@ def check_polygon(coords: Any, height: int, width: int) -> None:
                          f"{width}x{height} image")
 
 
+def coco_box(ann: dict[str, Any]) -> list[float]:
+    """The ``XYXY`` box of a COCO annotation's ``bbox`` ``[x, y, w, h]``; ``ValueError`` if it is not
+    four finite numbers with ``w, h >= 0`` (it becomes a prompt: a NaN would reach the segmenter)."""
+    box = ann.get("bbox")
+    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int | float) for v in box)
+            and np.isfinite(box).all() and box[2] >= 0 and box[3] >= 0):
+        raise ValueError(f"bbox must be [x, y, w, h] of finite numbers with w, h >= 0, got {box!r}")
+    x, y, w, h = (float(v) for v in box)
+    return [x, y, x + w, y + h]
+
+
 def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
     """Decode a COCO ``segmentation`` (polygon list, RLE dict with list or str counts).
 

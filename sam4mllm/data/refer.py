@@ -14,7 +14,7 @@ import numpy as np
 
 from sam4mllm.data.base import Sample, SegDataset, load_image
 from sam4mllm.data.errors import MalformedSampleError, require
-from sam4mllm.data.masks import decode_segmentation
+from sam4mllm.data.masks import coco_box, decode_segmentation
 from sam4mllm.data.unpickle import load_plain_pickle
 
 LAYOUT = """\
@@ -128,14 +128,11 @@ class ReferDataset(SegDataset):
         h, w = record["height"], record["width"]
         image = load_image(record["image_path"], (h, w), "instances.json says")
         anns = [self.anns[a] for a in record["ann_ids"]]
-        try:
+        try:  # an RLE of another size or a broken bbox: only decoding finds it
             masks = [decode_segmentation(a["segmentation"], h, w) for a in anns]
-        except ValueError as err:  # an RLE of another size: only decoding finds it
+            boxes = np.array([coco_box(a) for a in anns], dtype=np.float64).reshape(-1, 4)
+        except ValueError as err:
             raise MalformedSampleError(f"{self.name} annotation of {record['image_path']}: {err}") from err
-        boxes = np.array(
-            [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns],
-            dtype=np.float64,
-        ).reshape(-1, 4)
         return Sample(
             image=image,
             expression=record["expression"],

@@ -22,7 +22,7 @@ from sam4mllm.atomic import write_atomic
 from sam4mllm.config import build
 from sam4mllm.data.base import load_image
 from sam4mllm.data.errors import CorruptImageError, DatasetNotFoundError, MalformedSampleError, require
-from sam4mllm.data.masks import decode_segmentation
+from sam4mllm.data.masks import coco_box, decode_segmentation
 from sam4mllm.data.refer import LAYOUT as REFER_LAYOUT
 from sam4mllm.data.unpickle import load_plain_pickle
 
@@ -77,10 +77,9 @@ class CocoInstances(torch.utils.data.Dataset):
         anns = self.anns[int(im["id"])][: self.max_instances]
         try:
             masks = np.stack([decode_segmentation(a["segmentation"], h, w) for a in anns])
+            boxes = np.array([coco_box(a) for a in anns], dtype=np.float64)
         except ValueError as err:
             raise MalformedSampleError(f"annotation of {path}: {err}") from err
-        boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                          for a in anns], dtype=np.float64)
         return image, masks, boxes
 
 
