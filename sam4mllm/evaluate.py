@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from sam4mllm.config import build
 from sam4mllm.data import build_dataset
-from sam4mllm.data.errors import CorruptImageError, MalformedSampleError
+from sam4mllm.data.errors import UNREADABLE
 from sam4mllm.data.masks import decode_segmentation, encode_rle
 from sam4mllm.device import config_on_device
 from sam4mllm.metrics import SegmentationMeter, VQAMeter
@@ -125,7 +125,7 @@ def evaluate(cfg: Any, predictor: Any = None) -> dict[str, Any] | None:
         for k, i in bar:
             try:
                 sample = ds[i]
-            except (CorruptImageError, MalformedSampleError, FileNotFoundError) as err:
+            except UNREADABLE as err:
                 w.write({"key": str(i), "index": k, "error": f"{type(err).__name__}: {err}", "valid": False})
                 continue
             predictor = predictor or build_predictor(cfg)  # not before: a resume may find nothing readable to do

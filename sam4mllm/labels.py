@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from sam4mllm.config import build
 from sam4mllm.data import SegDataset, build_dataset
-from sam4mllm.data.errors import CorruptImageError, MalformedSampleError
+from sam4mllm.data.errors import UNREADABLE, MalformedSampleError
 from sam4mllm.device import config_on_device
 from sam4mllm.sam.base import Segmenter
 from sam4mllm.shards import ShardWriter, assign, merge_shards, shard_from_env, shard_path
@@ -240,7 +240,7 @@ def generate_labels(cfg: Any, segmenter_factory: Callable[[], Segmenter] | None 
                                                segmenter)
                 w.write({"key": key, "index": k, "image_path": str(ds.records[rec_ids[0]]["image_path"]),
                          "samples": samples, **({"skipped": skipped} if skipped else {})})
-            except (CorruptImageError, MalformedSampleError, FileNotFoundError) as err:
+            except UNREADABLE as err:
                 # Bad data is counted and kept in the output, so nothing is silently lost (a resume retries
                 # it); any other error (a bad setting, say) stops the job.
                 w.write({"key": key, "index": k, "error": f"{type(err).__name__}: {err}", "samples": []})

@@ -28,7 +28,12 @@ class CorruptImageError(OSError):
 
 
 class MalformedSampleError(ValueError):
-    """A sample's files disagree with its annotations (an image of another size, a mask of another size)."""
+    """A sample's files disagree with its annotations, or an annotation is broken (an image or RLE
+    of another size, a polygon vertex that is not a finite number, a missing ``bbox``)."""
+
+
+# What reading one sample can raise on bad data: jobs count and report it, and go on.
+UNREADABLE = (CorruptImageError, MalformedSampleError, FileNotFoundError)
 
 
 def require(dataset: str, layout: str, *paths: Path) -> None:

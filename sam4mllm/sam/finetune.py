@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from sam4mllm.atomic import write_atomic
 from sam4mllm.config import build
 from sam4mllm.data.base import load_image
-from sam4mllm.data.errors import CorruptImageError, DatasetNotFoundError, MalformedSampleError, require
+from sam4mllm.data.errors import UNREADABLE, DatasetNotFoundError, MalformedSampleError, require
 from sam4mllm.data.masks import coco_box, decode_segmentation
 from sam4mllm.data.refer import LAYOUT as REFER_LAYOUT
 from sam4mllm.data.unpickle import load_plain_pickle
@@ -166,7 +166,7 @@ def finetune_decoder(cfg: Any, segmenter: Any = None) -> Path:
             order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
         try:
             sample = data[int(order[pos])]
-        except (CorruptImageError, MalformedSampleError, FileNotFoundError) as err:
+        except UNREADABLE as err:
             if not state["skipped"]:
                 log.warning("%s; such images are skipped and counted in train_log.json", err)
             if (why := f"{type(err).__name__}: {err}") not in state["skipped"]:  # once, not once per epoch

@@ -18,7 +18,7 @@ import torch
 
 from sam4mllm.data import build_dataset
 from sam4mllm.data.base import load_image
-from sam4mllm.data.errors import CorruptImageError
+from sam4mllm.data.errors import UNREADABLE
 from sam4mllm.dialogs import Dialog, point_turns, ppg_dialog, pqpp_dialog, vqa_dialog
 from sam4mllm.models.adapter import Adapter, Encoded, SampleTooLongError
 from sam4mllm.shards import read_shard
@@ -144,7 +144,7 @@ class MixtureDataset(torch.utils.data.Dataset):
             except SampleTooLongError:
                 self._set_unusable(name, j, "too_long")
                 continue
-            except (CorruptImageError, FileNotFoundError) as err:
+            except UNREADABLE as err:
                 if not self.stats["unreadable"]:
                     log.warning("source %s: %s; such examples are replaced by the next draw and counted", name, err)
                 self._set_unusable(name, j, "unreadable")
