@@ -112,30 +112,41 @@ def _sharded(stage: Callable[[Any], Any], config: str, overrides: list[str], poo
 def _launch_training(cfg: Any, variant: str, common: list[str], labels: list[Path]) -> Path:
     """``deepspeed --num_gpus N scripts/train.py +exp=<variant> ...``; returns the run folder.
 
-    A finished run is reused only if it was trained from the same config, tiny model
-    (its spec digest) and labels (their headers carry the benchmark's hash).
+    A finished run is reused, and a killed one resumed from its last checkpoint, only if it
+    was started from the same config, tiny model (its spec digest) and labels (their headers
+    carry the benchmark's hash); otherwise it is trained afresh.
     """
     from sam4mllm.models.tiny import TinySpec
 
     run_dir = Path(cfg.out_dir) / "runs" / variant
-    overrides = [f"+exp={variant}", f"run_dir={run_dir}", *common, *cfg.train_overrides.get(variant, [])]
+    overrides = [f"+exp={variant}", f"run_dir={run_dir}", *common, f"train.save_every={cfg.checkpoint_every}",
+                 "train.keep_checkpoints=1", *cfg.train_overrides.get(variant, [])]
     train_cfg = OmegaConf.to_container(compose_config("train", overrides), resolve=True)
-    for key in ("logger", "progress"):  # how a run reports, not what it learns
+    for key in ("logger", "progress"):  # how a run reports or saves, not what it learns
         train_cfg.pop(key)
+    for key in ("save_every", "keep_checkpoints"):
+        train_cfg["train"].pop(key)
     model = train_cfg["model"]
     tiny = TinySpec(family=model["family"], **model["tiny"]).digest() if model.get("tiny") else None
     inputs = {"train": train_cfg, "tiny_model": tiny, "labels": [read_shard(p)[0] for p in labels]}
     stamp = {"digest": hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]}
-    stamp_path = run_dir / "demo_inputs.json"
-    if (run_dir / "final" / "sam4mllm.json").exists() and stamp_path.exists() and \
-            json.loads(stamp_path.read_text()) == stamp:
+    # Beside the run folder, not in it: the trainer starts afresh only in an empty folder.
+    stamp_path = run_dir.parent / f"{variant}.demo_inputs.json"
+    same = stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp
+    if same and (run_dir / "final" / "sam4mllm.json").exists():
         log.info("%s: trained model found in %s, skipping training", variant, run_dir)
         return run_dir
-    if run_dir.exists():  # interrupted, or trained from other inputs: start this run afresh
+    resume = same and (run_dir / "checkpoints" / "latest").exists()
+    if resume:
+        print(f"{variant}: resuming the interrupted run in {run_dir} from its last checkpoint", flush=True)
+    elif run_dir.exists():  # killed before its first checkpoint, or trained from other inputs
         log.info("%s: %s is unfinished or from other inputs; training afresh", variant, run_dir)
         shutil.rmtree(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    stamp_path.write_text(json.dumps(stamp))
     from sam4mllm.training.launch import free_port
 
+    overrides += ["resume=true"] if resume else []
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(cfg.ranks),
                 "--master_port", str(free_port())]  # another run may hold the default port
     cmd = [*launcher, "scripts/train.py", *overrides] if cfg.deepspeed else [
@@ -143,7 +154,6 @@ def _launch_training(cfg: Any, variant: str, common: list[str], labels: list[Pat
     print(f"\n== training {variant}: {' '.join(cmd[1:])}", flush=True)
     # The launcher counts CPU ranks, not GPUs, even where there are some (the ranks train on the CPU).
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    stamp_path.write_text(json.dumps(stamp))
     return run_dir
 
 

@@ -11,6 +11,8 @@ learning test (held-out val, `make test-learning`) and, in CI, by its reduced ve
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -93,9 +95,44 @@ def test_a_finished_run_is_reused_only_for_the_same_inputs(tmp_path, monkeypatch
     cfg.train_overrides.ppg = ["train.max_steps=3"]  # another training setting
     demo._launch_training(cfg, "ppg", common, [labels])
     assert len(trained) == 3
-    (tmp_path / "demo" / "runs" / "ppg" / "demo_inputs.json").unlink()  # a run without the record (older demo)
+    (tmp_path / "demo" / "runs" / "ppg.demo_inputs.json").unlink()  # a run without the record (older demo)
     demo._launch_training(cfg, "ppg", common, [labels])
     assert len(trained) == 4
+
+
+def test_a_killed_training_is_resumed_from_its_checkpoint_only_for_the_same_inputs(tmp_path, monkeypatch):
+    """The launcher's side (that a resumed run follows the same curve) is tested in test_training.py."""
+    import sam4mllm.demo as demo
+
+    launched, finish = [], _fake_launcher([])
+
+    def killed_after_a_checkpoint(cmd, **kwargs):  # the first launch of each run dies after its first checkpoint
+        launched.append(cmd)
+        run_dir = Path(next(a for a in cmd if a.startswith("run_dir=")).split("=", 1)[1])
+        if (run_dir / "checkpoints").exists():
+            return finish(cmd, **kwargs)
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "checkpoints" / "latest").write_text("step-0000120")
+        raise subprocess.CalledProcessError(-9, cmd)
+
+    monkeypatch.setattr(demo.subprocess, "run", killed_after_a_checkpoint)
+    cfg = _cfg(tmp_path, tmp_path / "demo")
+    common = [f"paths.data_dir={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'outputs'}", "model=demo_qwen2vl"]
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({"header": {"data": "benchmark v1"}}) + "\n")
+    with pytest.raises(subprocess.CalledProcessError):
+        demo._launch_training(cfg, "ppg", common, [labels])
+    assert "resume=true" not in launched[-1] and f"train.save_every={cfg.checkpoint_every}" in launched[-1]
+    run_dir = demo._launch_training(cfg, "ppg", common, [labels])  # the demo run again: the same inputs
+    args = [cmd[cmd.index("scripts/train.py"):] for cmd in launched]  # the port is chosen afresh each time
+    assert args[1] == [*args[0], "resume=true"]
+    assert (run_dir / "final" / "sam4mllm.json").exists()
+    # Killed again, then restarted from other labels: the checkpoint is not theirs, so the run starts afresh.
+    shutil.rmtree(run_dir / "final")
+    labels.write_text(json.dumps({"header": {"data": "benchmark v2"}}) + "\n")
+    with pytest.raises(subprocess.CalledProcessError):
+        demo._launch_training(cfg, "ppg", common, [labels])
+    assert "resume=true" not in launched[-1] and len(launched) == 3
 
 
 def test_the_demo_seed_and_the_cpu_reach_labels_training_and_evaluation(tmp_path, monkeypatch):

@@ -299,6 +299,39 @@ def test_kill_and_resume_follows_the_uninterrupted_loss_curve(workspace, tmp_pat
     assert full[-1]["loss"] < full[0]["loss"]
 
 
+def test_only_the_newest_checkpoints_are_kept_and_the_run_resumes_from_them(workspace, tmp_path):
+    run = tmp_path / "run"
+    cfg = _cfg(workspace, run, "train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=2",
+               "train.optimizer.lr=1e-3", "save_final=false")
+    straight = [h["loss"] for h in train(cfg)]
+    ckpt = run / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("step-*")) == [
+        f"step-000000{s}{x}" for s in (3, 4) for x in (".meta.json", ".pt", ".rng-rank00000.pt")]
+    (ckpt / "latest").write_text("step-0000003")  # as if killed during step 4
+    train(_cfg(workspace, run, "train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=2",
+               "train.optimizer.lr=1e-3", "save_final=false", "resume=true"))
+    assert _losses(run)[4] == pytest.approx(straight[3], abs=1e-5)
+
+
+def test_pruning_keeps_the_newest_checkpoints_up_to_this_step_and_nothing_else(tmp_path):
+    from types import SimpleNamespace
+
+    from sam4mllm.training.trainer import Trainer
+
+    names = ["latest", "zero_to_fp32.py", "step-notes.txt", *(f"step-000000{s}.meta.json" for s in range(1, 6)),
+             *(f"step-000000{s}.rng-rank00001.pt" for s in range(1, 6))]
+    for name in names:
+        (tmp_path / name).write_text("")
+    for s in range(1, 6):
+        (tmp_path / f"step-000000{s}").mkdir()  # DeepSpeed's folder
+        (tmp_path / f"step-000000{s}" / "mp_rank_00_model_states.pt").write_text("")
+    # At step 3 of a run resumed from a rolled-back "latest": steps 4 and 5 are ahead of it, not older.
+    Trainer._prune_checkpoints(SimpleNamespace(step=3, t=SimpleNamespace(keep_checkpoints=2)), tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    kept = [f"step-000000{s}{x}" for s in range(2, 6) for x in ("", ".meta.json", ".rng-rank00001.pt")]
+    assert left == sorted(["latest", "zero_to_fp32.py", "step-notes.txt", *kept])
+
+
 def test_a_resume_over_changed_data_is_refused_and_changed_settings_are_listed(workspace, tmp_path, caplog):
     run, common = tmp_path / "run", ["train.save_every=2", "save_final=false"]
     train(_cfg(workspace, run, "train.max_steps=2", *common))
@@ -443,7 +476,8 @@ def test_two_rank_zero2_cpu_run_through_the_deepspeed_launcher(workspace, tmp_pa
     `--num_gpus 2` (on a CPU the launcher counts NUMA nodes, often one). Two ranks of one
     example each follow one process that accumulates the same two examples per step."""
     same = ["train.max_steps=6", "train.micro_batch_size=1", "train.optimizer.lr=1e-3", "train.lora.dropout=0"]
-    r = _deepspeed(workspace, tmp_path / "ds", 2, *same, "train.grad_accum=1", "train.save_every=3")
+    r = _deepspeed(workspace, tmp_path / "ds", 2, *same, "train.grad_accum=1", "train.save_every=3",
+                   "train.keep_checkpoints=1")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     out = r.stdout + r.stderr
     assert "dist_world_size=2" in out
@@ -457,7 +491,11 @@ def test_two_rank_zero2_cpu_run_through_the_deepspeed_launcher(workspace, tmp_pa
     # DeepSpeed's CPU all-reduce buffers (~70 MB of RAM each) must not outlive the run.
     port = r.args[r.args.index("--master_port") + 1]
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-    assert (tmp_path / "ds" / "checkpoints" / "latest").read_text().strip() == "step-0000006"
+    ckpt = tmp_path / "ds" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step-0000006"
+    # Step 3's checkpoint (DeepSpeed's folder, the meta and both ranks' RNG files) made way for step 6's.
+    assert sorted(p.name for p in ckpt.glob("step-*")) == [
+        "step-0000006", "step-0000006.meta.json", "step-0000006.rng-rank00000.pt", "step-0000006.rng-rank00001.pt"]
 
 
 def test_two_rank_resume_with_dialogs_too_long_to_train_follows_the_straight_run(workspace, tmp_path):

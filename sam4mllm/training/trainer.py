@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import time
@@ -400,6 +401,21 @@ class Trainer:
             write_atomic(ckpt_dir / f"{tag}.pt", lambda tmp: torch.save(state, tmp))
             write_atomic(ckpt_dir / "latest", lambda tmp: tmp.write_text(tag))
         barrier()
+        if self.t.keep_checkpoints and rank() == 0:  # only once "latest" points at the new one
+            self._prune_checkpoints(ckpt_dir)
+
+    def _prune_checkpoints(self, ckpt_dir: Path) -> None:
+        """Delete the checkpoints before the newest ``keep_checkpoints`` up to this step.
+
+        Tags after this step (a run resumed from a rolled-back "latest") are left alone.
+        """
+        files: dict[int, list[Path]] = {}  # a tag's folder (DeepSpeed) or .pt, its meta and RNG files
+        for p in ckpt_dir.iterdir():
+            if m := re.fullmatch(r"step-(\d{7})(\..*)?", p.name):
+                files.setdefault(int(m.group(1)), []).append(p)
+        for step in sorted(s for s in files if s <= self.step)[:-self.t.keep_checkpoints]:
+            for p in files[step]:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def _load_checkpoint(self) -> tuple[str, list[str]]:
         """Restore the latest checkpoint; return its tag and the settings changed since (see ``_check_resume``)."""
