@@ -149,11 +149,12 @@ def _launch_training(cfg: Any, variant: str, common: list[str], labels: list[Pat
     overrides += ["resume=true"] if resume else []
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(cfg.ranks),
                 "--master_port", str(free_port())]  # another run may hold the default port
-    cmd = [*launcher, "scripts/train.py", *overrides] if cfg.deepspeed else [
-        sys.executable, "scripts/train.py", "deepspeed=none", *overrides]
+    script = str(ROOT / "scripts" / "train.py")
+    cmd = [*launcher, script, *overrides] if cfg.deepspeed else [sys.executable, script, "deepspeed=none", *overrides]
     print(f"\n== training {variant}: {' '.join(cmd[1:])}", flush=True)
+    # In the caller's directory, against which the demo's relative paths (data, outputs, run_dir) resolve.
     # The launcher counts CPU ranks, not GPUs, even where there are some (the ranks train on the CPU).
-    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    subprocess.run(cmd, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     return run_dir
 
 

@@ -67,9 +67,20 @@ def test_target_checks_judge_each_claim_in_both_views_against_the_best_trivial_b
     assert got[5][1] == "box-only > best trivial baseline: RES 0.700 vs 0.600, GRES 0.450 vs 0.500"
 
 
+def _script(cmd: list[str]) -> int:
+    """Where train.py is in a launch command."""
+    return next(i for i, a in enumerate(cmd) if a.endswith("train.py"))
+
+
 def _fake_launcher(launched: list):
-    """Stands in for the deepspeed launcher: records the command and leaves a finished run."""
-    def run(cmd, **kwargs):
+    """Stands in for the deepspeed launcher: records the command and leaves a finished run.
+
+    It works in the directory it is started in, as the real one does: the demo's relative
+    paths are the caller's, so that must be the caller's directory.
+    """
+    def run(cmd, cwd=None, **kwargs):
+        assert cwd is None or Path(cwd).resolve() == Path.cwd(), f"trains in {cwd}, not in {Path.cwd()}"
+        assert Path(cmd[_script(cmd)]).is_file()
         run_dir = Path(next(a for a in cmd if a.startswith("run_dir=")).split("=", 1)[1])
         (run_dir / "final").mkdir(parents=True)
         (run_dir / "final" / "sam4mllm.json").write_text("{}")
@@ -100,6 +111,24 @@ def test_a_finished_run_is_reused_only_for_the_same_inputs(tmp_path, monkeypatch
     assert len(trained) == 4
 
 
+def test_the_demo_run_from_another_directory_trains_on_and_into_that_directory(tmp_path, monkeypatch):
+    """Relative paths (the defaults are) are the caller's: training must not resolve them elsewhere."""
+    import sam4mllm.demo as demo
+
+    trained = []
+    monkeypatch.setattr(demo.subprocess, "run", _fake_launcher(trained))
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="demo")  # data/demo, outputs/demo: relative
+    common = [f"paths.data_dir={cfg.paths.data_dir}", f"paths.output_dir={cfg.paths.output_dir}", "model=demo_qwen2vl"]
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({"header": {"data": "benchmark"}}) + "\n")
+    for _ in range(2):  # trained once, then found where it was trained
+        run_dir = demo._launch_training(cfg, "ppg", common, [labels])
+    assert len(trained) == 1 and not run_dir.is_absolute()
+    assert (tmp_path / run_dir / "final" / "sam4mllm.json").exists()
+
+
 def test_a_killed_training_is_resumed_from_its_checkpoint_only_for_the_same_inputs(tmp_path, monkeypatch):
     """The launcher's side (that a resumed run follows the same curve) is tested in test_training.py."""
     import sam4mllm.demo as demo
@@ -124,7 +153,7 @@ def test_a_killed_training_is_resumed_from_its_checkpoint_only_for_the_same_inpu
         demo._launch_training(cfg, "ppg", common, [labels])
     assert "resume=true" not in launched[-1] and f"train.save_every={cfg.checkpoint_every}" in launched[-1]
     run_dir = demo._launch_training(cfg, "ppg", common, [labels])  # the demo run again: the same inputs
-    args = [cmd[cmd.index("scripts/train.py"):] for cmd in launched]  # the port is chosen afresh each time
+    args = [cmd[_script(cmd):] for cmd in launched]  # the port is chosen afresh each time
     assert args[1] == [*args[0], "resume=true"]
     assert (run_dir / "final" / "sam4mllm.json").exists()
     # Killed again, then restarted from other labels: the checkpoint is not theirs, so the run starts afresh.
@@ -163,7 +192,7 @@ def test_the_demo_seed_and_the_cpu_reach_labels_training_and_evaluation(tmp_path
     cfg.seed = 7
     with pytest.raises(Stop):
         run_demo(cfg)
-    jobs += [("train", cmd[cmd.index("scripts/train.py") + 1:]) for cmd in launched]  # what train.py is given
+    jobs += [("train", cmd[_script(cmd) + 1:]) for cmd in launched]  # what train.py is given
     assert sorted({name for name, _ in jobs}) == ["eval", "gen_labels", "train"]
     for name, overrides in jobs:
         composed = demo.compose_config(name, overrides)
