@@ -72,6 +72,10 @@ def _script(cmd: list[str]) -> int:
     return next(i for i, a in enumerate(cmd) if a.endswith("train.py"))
 
 
+def _run_dir(cmd: list[str]) -> Path:
+    return Path(next(a for a in cmd if a.startswith("run_dir=")).split("=", 1)[1])
+
+
 def _fake_launcher(launched: list):
     """Stands in for the deepspeed launcher: records the command and leaves a finished run.
 
@@ -81,7 +85,7 @@ def _fake_launcher(launched: list):
     def run(cmd, cwd=None, **kwargs):
         assert cwd is None or Path(cwd).resolve() == Path.cwd(), f"trains in {cwd}, not in {Path.cwd()}"
         assert Path(cmd[_script(cmd)]).is_file()
-        run_dir = Path(next(a for a in cmd if a.startswith("run_dir=")).split("=", 1)[1])
+        run_dir = _run_dir(cmd)
         (run_dir / "final").mkdir(parents=True)
         (run_dir / "final" / "sam4mllm.json").write_text("{}")
         launched.append(cmd)
@@ -137,7 +141,7 @@ def test_a_killed_training_is_resumed_from_its_checkpoint_only_for_the_same_inpu
 
     def killed_after_a_checkpoint(cmd, **kwargs):  # the first launch of each run dies after its first checkpoint
         launched.append(cmd)
-        run_dir = Path(next(a for a in cmd if a.startswith("run_dir=")).split("=", 1)[1])
+        run_dir = _run_dir(cmd)
         if (run_dir / "checkpoints").exists():
             return finish(cmd, **kwargs)
         (run_dir / "checkpoints").mkdir(parents=True)
