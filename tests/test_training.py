@@ -301,15 +301,14 @@ def test_kill_and_resume_follows_the_uninterrupted_loss_curve(workspace, tmp_pat
 
 def test_only_the_newest_checkpoints_are_kept_and_the_run_resumes_from_them(workspace, tmp_path):
     run = tmp_path / "run"
-    cfg = _cfg(workspace, run, "train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=2",
-               "train.optimizer.lr=1e-3", "save_final=false")
-    straight = [h["loss"] for h in train(cfg)]
+    common = ["train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=2", "train.optimizer.lr=1e-3",
+              "save_final=false"]
+    straight = [h["loss"] for h in train(_cfg(workspace, run, *common))]
     ckpt = run / "checkpoints"
     assert sorted(p.name for p in ckpt.glob("step-*")) == [
         f"step-000000{s}{x}" for s in (3, 4) for x in (".meta.json", ".pt", ".rng-rank00000.pt")]
     (ckpt / "latest").write_text("step-0000003")  # as if killed during step 4
-    train(_cfg(workspace, run, "train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=2",
-               "train.optimizer.lr=1e-3", "save_final=false", "resume=true"))
+    train(_cfg(workspace, run, *common, "resume=true"))
     assert _losses(run)[4] == pytest.approx(straight[3], abs=1e-5)
 
 
