@@ -72,6 +72,13 @@ def test_a_polygon_vertex_that_would_crash_the_rasteriser_raises(bad):
         rasterize_shapes([{"label": "target", "points": [[1.0, 1.0], [bad, 5.0], [8.0, 8.0]]}], 20, 20)
 
 
+@pytest.mark.parametrize("bad", [{}, [2], "x"])
+def test_a_polygon_vertex_that_is_not_a_number_is_malformed_data(bad):
+    """A ValueError, which the loaders turn into MalformedSampleError; a dict raised TypeError."""
+    with pytest.raises(ValueError, match="not a number"):
+        decode_segmentation([[1.0, 1.0, bad, 5.0, 8.0, 8.0]], 20, 20)
+
+
 def test_a_polygon_vertex_a_little_outside_the_image_is_clipped():
     assert decode_segmentation([[-15.0, -15.0, 35.0, -15.0, 35.0, 35.0, -15.0, 35.0]], 20, 20).all()
 

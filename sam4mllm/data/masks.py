@@ -16,7 +16,10 @@ def check_polygon(coords: Any, height: int, width: int) -> None:
     pycocotools rasterises the whole outline: a NaN, an infinity or a vertex at 1e8 made it
     crash the process (a segfault, or the kernel's out-of-memory kill), which no caller can catch.
     """
-    xy = np.asarray(coords, dtype=float).reshape(-1, 2)
+    try:
+        xy = np.asarray(coords, dtype=float).reshape(-1, 2)
+    except (TypeError, ValueError) as err:  # a dict, list or word as a vertex: the loaders count only ValueError
+        raise ValueError(f"polygon has a coordinate that is not a number: {err}") from None
     if not np.isfinite(xy).all():
         raise ValueError("polygon has a coordinate that is not a finite number")
     far = (xy < [-width, -height]) | (xy > [2 * width, 2 * height])
