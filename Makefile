@@ -10,6 +10,8 @@ STAMP  := $(VENV)/.installed
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
+	@# The venv takes about 6 GB (torch's CUDA build): say so before pip fails half-way on a full disk.
+	@$(PYTHON) -c "import shutil; f = shutil.disk_usage('.').free / 2**30; f < 7 and print(f'warning: {f:.1f} GB free here; installing .venv takes about 6 GB')"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
