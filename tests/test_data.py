@@ -92,7 +92,7 @@ def test_uncompressed_rle_counts_must_cover_the_image(counts):
 def test_coco_box_is_xyxy_and_a_broken_bbox_raises():
     assert coco_box({"bbox": [2, 3.5, 10, 0]}) == [2.0, 3.5, 12.0, 3.5]
     for bad in ({}, {"bbox": [1, 2, 3]}, {"bbox": [1, 2, float("nan"), 4]}, {"bbox": [1, 2, -3, 4]},
-                {"bbox": ["1", 2, 3, 4]}):
+                {"bbox": ["1", 2, 3, 4]}, {"bbox": [1, 2, True, 4]}):
         with pytest.raises(ValueError, match="bbox must be"):
             coco_box(bad)
 

@@ -33,7 +33,9 @@ def coco_box(ann: dict[str, Any]) -> list[float]:
     """The ``XYXY`` box of a COCO annotation's ``bbox`` ``[x, y, w, h]``; ``ValueError`` if it is not
     four finite numbers with ``w, h >= 0`` (it becomes a prompt: a NaN would reach the segmenter)."""
     box = ann.get("bbox")
-    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int | float) for v in box)
+    # bool is an int subclass, but true/false in a bbox is a broken annotation, not 1/0.
+    if not (isinstance(box, list) and len(box) == 4
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in box)
             and np.isfinite(box).all() and box[2] >= 0 and box[3] >= 0):
         raise ValueError(f"bbox must be [x, y, w, h] of finite numbers with w, h >= 0, got {box!r}")
     x, y, w, h = (float(v) for v in box)
