@@ -18,6 +18,10 @@ points of a known accuracy:
   the best a points round can do by reasoning from the box it wrote instead of reading
   the point in the image.
 
+Last, where box-only loses its pixels: the share of its lost union (union minus
+intersection, summed as cIoU sums them) that lies on target sentences it gives no box,
+which no points round can win back.
+
 Stochastic rows are averaged over ``--seeds`` draws. Without the demo's outputs it says
 so and exits 0 (``make bench`` on a fresh clone), since training them is the demo's job.
 """
@@ -35,6 +39,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from sam4mllm.config import build
+from sam4mllm.data import build_dataset
+from sam4mllm.data.masks import decode_segmentation
 from sam4mllm.demo import VIEWS, compose_config
 from sam4mllm.evaluate import MERGED, Prompts, confident_answers, resegment
 from sam4mllm.inference import PQPPConfig, sample_points
@@ -101,6 +107,24 @@ def score(runs: list[tuple[dict, list, Any]], segmenter: Any, answers: Answers |
     return out
 
 
+def missed(header: dict, records: list, dataset: Any, segmenter: Any, tmp: Path) -> tuple[float, float]:
+    """Box-only's lost pixels (union - intersection): the share on target sentences given no box,
+    and the cIoU over the sentences given one."""
+    resegment(header, records, tmp / "box_only", dataset, segmenter, lambda r, s: ([], [], []))
+    ds = build_dataset(dataset, header["split"])
+    lost = np.zeros(2)  # no box, a box
+    inter = 0
+    for r in read_shard(tmp / "box_only" / MERGED)[1]:
+        s = ds[int(r["key"])]
+        gt, pred = s.union_mask(), np.zeros(s.size, bool)
+        for m in r.get("masks", []):
+            pred |= decode_segmentation(m, *s.size)
+        boxed = bool(r.get("boxes"))
+        lost[int(boxed)] += (pred | gt).sum() - (pred & gt).sum()
+        inter += boxed * (pred & gt).sum()
+    return float(lost[0] / lost.sum()), float(inter / (inter + lost[1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--demo", type=Path, default=Path("outputs/demo"), help="the demo's output folder")
@@ -141,6 +165,11 @@ def main() -> None:
         print(f"{view}: box-only {box[1 + 2 * i]:.3f}; " + (
             f"the least accurate points above it: {least[0]} ({least[2 + 2 * i]:.3f} right, cIoU "
             f"{least[1 + 2 * i]:.3f})" if least else "no row above it"))
+    with tempfile.TemporaryDirectory() as tmp:
+        for view, (header, records, dataset) in zip(VIEWS, runs, strict=True):
+            share, boxed = missed(header, records, dataset, seg, Path(tmp))
+            print(f"{view}: {share:.1%} of box-only's lost pixels are on target sentences it gives no box "
+                  f"(no points win them back); on the sentences it gives a box its cIoU is {boxed:.3f}")
 
 
 if __name__ == "__main__":
