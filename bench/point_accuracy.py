@@ -122,7 +122,7 @@ def missed(header: dict, records: list, dataset: Any, segmenter: Any, tmp: Path)
         boxed = bool(r.get("boxes"))
         lost[int(boxed)] += (pred | gt).sum() - (pred & gt).sum()
         inter += boxed * (pred & gt).sum()
-    return float(lost[0] / lost.sum()), float(inter / (inter + lost[1]))
+    return float(lost[0] / max(lost.sum(), 1)), float(inter / max(inter + lost[1], 1))  # 0 / 0: nothing lost
 
 
 def main() -> None:
