@@ -40,10 +40,10 @@ from omegaconf import OmegaConf
 
 from sam4mllm.config import build
 from sam4mllm.data import build_dataset
-from sam4mllm.data.masks import decode_segmentation
 from sam4mllm.demo import VIEWS, compose_config
-from sam4mllm.evaluate import MERGED, Prompts, confident_answers, resegment
+from sam4mllm.evaluate import MERGED, Prompts, confident_answers, predicted_mask, resegment
 from sam4mllm.inference import PQPPConfig, sample_points
+from sam4mllm.metrics import SegmentationMeter
 from sam4mllm.report import markdown_table
 from sam4mllm.shards import read_shard
 
@@ -107,22 +107,17 @@ def score(runs: list[tuple[dict, list, Any]], segmenter: Any, answers: Answers |
     return out
 
 
-def missed(header: dict, records: list, dataset: Any, segmenter: Any, tmp: Path) -> tuple[float, float]:
+def missed(header: dict, records: list, dataset: Any, segmenter: Any, tmp: Path) -> tuple[float, float | None]:
     """Box-only's lost pixels (union - intersection): the share on target sentences given no box,
-    and the cIoU over the sentences given one."""
+    and the cIoU over the sentences given one (None if none is)."""
     resegment(header, records, tmp / "box_only", dataset, segmenter, lambda r, s: ([], [], []))
     ds = build_dataset(dataset, header["split"])
-    lost = np.zeros(2)  # no box, a box
-    inter = 0
+    meters = {boxed: SegmentationMeter() for boxed in (False, True)}
     for r in read_shard(tmp / "box_only" / MERGED)[1]:
         s = ds[int(r["key"])]
-        gt, pred = s.union_mask(), np.zeros(s.size, bool)
-        for m in r.get("masks", []):
-            pred |= decode_segmentation(m, *s.size)
-        boxed = bool(r.get("boxes"))
-        lost[int(boxed)] += (pred | gt).sum() - (pred & gt).sum()
-        inter += boxed * (pred & gt).sum()
-    return float(lost[0] / max(lost.sum(), 1)), float(inter / max(inter + lost[1], 1))  # 0 / 0: nothing lost
+        meters[bool(r.get("boxes"))].update(predicted_mask(r, s.size), s.union_mask(), s.ignore)
+    lost = {k: sum(x.union - x.intersection for x in m.scores) for k, m in meters.items()}
+    return lost[False] / max(lost[False] + lost[True], 1), meters[True].compute()["cIoU"]  # 0 / 0: nothing lost
 
 
 def main() -> None:
@@ -169,7 +164,8 @@ def main() -> None:
         for view, (header, records, dataset) in zip(VIEWS, runs, strict=True):
             share, boxed = missed(header, records, dataset, seg, Path(tmp))
             print(f"{view}: {share:.1%} of box-only's lost pixels are on target sentences it gives no box "
-                  f"(no points win them back); on the sentences it gives a box its cIoU is {boxed:.3f}")
+                  f"(no points win them back); on the sentences it gives a box its cIoU is "
+                  + ("-" if boxed is None else f"{boxed:.3f}"))
 
 
 if __name__ == "__main__":

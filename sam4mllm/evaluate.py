@@ -140,6 +140,15 @@ def evaluate(cfg: Any, predictor: Any = None) -> dict[str, Any] | None:
     return metrics
 
 
+def predicted_mask(record: dict[str, Any], size: tuple[int, int]) -> np.ndarray | None:
+    """The union of a prediction record's masks at ``size`` ``(H, W)``; None when it has none."""
+    pred = None
+    for m in record.get("masks", []):
+        dm = decode_segmentation(m, *size)
+        pred = dm if pred is None else pred | dm
+    return pred
+
+
 def rescore(predictions: str | Path, dataset_cfg: Any) -> dict[str, Any]:
     """Official metrics of a predictions file against the ground truth, without running any model."""
     header, records = read_shard(Path(predictions))
@@ -170,12 +179,8 @@ def rescore(predictions: str | Path, dataset_cfg: Any) -> dict[str, Any]:
     for r in records:
         sample = ds[int(r["key"])]
         h, w = sample.size
-        pred = None
-        for m in r.get("masks", []):
-            dm = decode_segmentation(m, h, w)
-            pred = dm if pred is None else pred | dm
         gt = sample.union_mask()
-        meter.update(pred, gt, sample.ignore, valid=bool(r.get("valid")))
+        meter.update(predicted_mask(r, sample.size), gt, sample.ignore, valid=bool(r.get("valid")))
         if "timings" in r:
             times.append(r["timings"].get("total", 0.0))
         for pts, labels in zip(r.get("points", []), r.get("labels", []), strict=True):
