@@ -27,7 +27,7 @@ def test_synthetic_prepare_counts_match_the_generator(tmp_path, capsys):
     for split, c in manifest["refcoco"].items():
         assert by_split[split][1] == c["sentences"] and by_split[split][3] == c["images"]
     gres = {row[0]: row for row in tables["synthetic_gres"]}
-    assert gres["val"][7] == manifest["grefcoco"]["val"]["no_target"]
+    assert gres["val"][8] == manifest["grefcoco"]["val"]["no_target"]
     assert len(list((tmp_path / "ov/synthetic").glob("*.png"))) == 2
     assert "| val " in capsys.readouterr().out
 
@@ -40,7 +40,7 @@ def test_checking_real_layout_reports_against_official_counts(tmp_path, capsys):
         cfg = compose(config_name="prepare_data", overrides=[
             "dataset=refcoco", f"paths.data_dir={tmp_path}/synthetic"])
     rows = prepare_data(cfg)["refcoco"]
-    assert [r[2] for r in rows] == [120624, 10834, 5657, 5095] and {r[5] for r in rows} == {"-"}
+    assert [r[2] for r in rows] == [120624, 10834, 5657, 5095] and {r[5] for r in rows} == {r[6] for r in rows} == {"-"}
 
 
 def test_prepare_script_missing_data_fails_with_the_fix(tmp_path):
@@ -63,19 +63,33 @@ def test_prepare_script_generates_synthetic(tmp_path):
     assert "synthetic_reasonseg" in r.stdout
 
 
-def test_check_images_counts_the_corrupt_and_the_mis_sized(tmp_path, caplog):
+def test_check_images_counts_the_corrupt_the_mis_sized_and_the_malformed_annotations(tmp_path, caplog):
+    import json
+
+    import numpy as np
     from PIL import Image
 
     from sam4mllm.data import build_dataset
+    from sam4mllm.data.masks import encode_rle
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         prepare_data(compose(config_name="prepare_data", overrides=[f"paths.data_dir={tmp_path}", "overlays=0",
                                                                     *SMALL]))
         cfg = compose(config_name="prepare_data", overrides=[
             "dataset=refcoco", f"paths.data_dir={tmp_path}/synthetic", "check_images=true"])
-    val = build_dataset(cfg.dataset, "val").image_paths()
+    ds = build_dataset(cfg.dataset, "val")
+    val = ds.image_paths()
     val[0].write_bytes(b"not a png")
     Image.new("RGB", (7, 5)).save(val[1])
+    # An RLE of another size on an image that still reads: indexing passes it, decoding does not.
+    ann_id = next(r["ann_ids"][0] for r in ds.records if r["image_path"] == val[2])
+    inst_path = tmp_path / "synthetic/refer_seg/refcoco/instances.json"
+    inst = json.loads(inst_path.read_text())
+    next(a for a in inst["annotations"] if a["id"] == ann_id)["segmentation"] = encode_rle(np.ones((3, 4), bool))
+    inst_path.write_text(json.dumps(inst))
+    n_sentences = sum(ann_id in r["ann_ids"] for r in ds.records)
     rows = {r[0]: r for r in prepare_data(cfg)["refcoco"]}
     assert rows["val"][5] == 2 and rows["train"][5] == 0 and rows["val"][4] == 0
+    assert rows["val"][6] == n_sentences > 0 and rows["train"][6] == 0
     assert val[0].name in caplog.text and "is 7x5 but the annotations say" in caplog.text
+    assert "does not match image size" in caplog.text

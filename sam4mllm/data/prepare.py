@@ -24,11 +24,13 @@ SYNTHETIC_VIEWS = ("synthetic", "synthetic_gres", "synthetic_reasonseg", "synthe
 
 
 def split_counts(dataset_cfg: Any, check_images: bool = False) -> list[list[object]]:
-    """Rows ``[split, samples, official, images, missing images, unreadable images, multi, no-target, skipped]``.
+    """Rows ``[split, samples, official, images, missing images, unreadable images, malformed annotations,
+    multi, no-target, skipped]``.
 
     ``check_images`` decodes every image that exists (slow on a full download) and counts
-    those that do not decode or differ in size from their annotations; otherwise that
-    column is ``-``.
+    those that do not decode or differ in size from their annotations, then decodes every
+    sentence of a readable image and counts those whose annotation does not (an RLE of
+    another size, a broken bbox: what indexing cannot see); otherwise both columns are ``-``.
     """
     rows = []
     official = dataset_cfg.official_counts or {}
@@ -36,29 +38,41 @@ def split_counts(dataset_cfg: Any, check_images: bool = False) -> list[list[obje
         ds = build_dataset(dataset_cfg, split)
         summary = ds.summary()
         missing = sum(not p.exists() for p in ds.image_paths())
-        bad = _unreadable_images(ds, f"{dataset_cfg.name}/{split}") if check_images else "-"
-        rows.append([split, summary["samples"], official.get(split), summary["images"], missing, bad,
+        bad, malformed = _check_split(ds, f"{dataset_cfg.name}/{split}") if check_images else ("-", "-")
+        rows.append([split, summary["samples"], official.get(split), summary["images"], missing, bad, malformed,
                      summary["multi_target"], summary["no_target"], summary["skipped"]])
         for reason, n in ds.skipped.items():
             log.warning("%s/%s: skipped %d entries: %s", dataset_cfg.name, split, n, reason)
     return rows
 
 
-COUNT_HEADERS = ["split", "samples", "official", "images", "missing images", "unreadable images", "multi-target",
-                 "no-target", "skipped"]
+COUNT_HEADERS = ["split", "samples", "official", "images", "missing images", "unreadable images",
+                 "malformed annotations", "multi-target", "no-target", "skipped"]
 
 
-def _unreadable_images(ds: Any, name: str) -> int:
-    """Images of ``ds`` that exist but do not decode, or whose size differs from the annotations'; each logged."""
+def _check_split(ds: Any, name: str) -> tuple[int, int]:
+    """Unreadable images of ``ds`` and sentences of readable images whose annotation does not decode; each logged.
+
+    An unreadable image is one that exists but does not decode, or whose size differs from the annotations'.
+    """
     sizes = {Path(r["image_path"]): (r["height"], r["width"]) if "height" in r else None for r in ds.records}
-    bad = 0
+    unreadable: set[Path] = set()
     for path in tqdm([p for p in sizes if p.exists()], desc=f"checking {name} images", unit="img"):
         try:
             load_image(path, sizes[path])
         except (CorruptImageError, MalformedSampleError) as err:
             log.warning("%s", err)
-            bad += 1
-    return bad
+            unreadable.add(path)
+    # Loading a sentence decodes its image again: simple, and this check is slow by nature.
+    readable = [r for r in ds.records if (p := Path(r["image_path"])).exists() and p not in unreadable]
+    malformed = 0
+    for r in tqdm(readable, desc=f"checking {name} annotations", unit="sent"):
+        try:
+            ds.load(r)
+        except MalformedSampleError as err:
+            log.warning("%r: %s", r.get("expression"), err)
+            malformed += 1
+    return len(unreadable), malformed
 
 
 def prepare_data(cfg: Any) -> dict[str, list[list[object]]]:
