@@ -164,14 +164,14 @@ def label_image(
     out: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     first_error: MalformedSampleError | None = None
-    embedded = False
+    image = None  # decoded by the first sentence that loads, then passed on to the others
     for i in record_ids:
         try:
-            s = ds.load(ds.records[i])
-            if variant == "ppg" and not embedded:
+            s = ds.load(ds.records[i], image)
+            if variant == "ppg" and image is None:
                 assert segmenter is not None
                 segmenter.set_image(s.image)
-                embedded = True
+            image = s.image
             ann_ids = s.meta.get("ann_ids") or [f"{s.sample_id}/{j}" for j in range(len(s.masks))]
             targets = []
             for ann, mask, box in zip(ann_ids, s.masks, s.boxes, strict=True):

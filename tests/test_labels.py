@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 
 from sam4mllm import CONFIG_DIR
 from sam4mllm.data import MalformedSampleError
+from sam4mllm.data.base import load_image
 from sam4mllm.labels import generate_labels, label_stats, ppg_label, pqpp_label, sample_box_points
 from sam4mllm.sam.base import Prediction, Prompts, Segmenter
 from sam4mllm.shards import read_shard, shard_path
@@ -110,19 +111,25 @@ def _data_dir(synthetic) -> Path:
     return synthetic.root.parent
 
 
-def test_ppg_job_embeds_each_image_once_and_covers_every_sentence(synthetic, tmp_path):
+def test_ppg_job_decodes_and_embeds_each_image_once_and_covers_every_sentence(synthetic, tmp_path, monkeypatch):
+    from sam4mllm.data import refer
     from sam4mllm.sam.grabcut import GrabCutSegmenter
 
+    decoded = []
+    monkeypatch.setattr(refer, "load_image", lambda path, *a: decoded.append(path) or load_image(path, *a))
     seg = GrabCutSegmenter()
-    merged = generate_labels(_cfg(_data_dir(synthetic), tmp_path, "+exp=ppg", "split=val"), lambda: seg)
+    merged = generate_labels(_cfg(_data_dir(synthetic), tmp_path / "once", "+exp=ppg", "split=val"), lambda: seg)
     header, records = read_shard(merged)
     assert header["segmenter"] == "grabcut" and header["variant"] == "ppg" and "shard" not in header
-    assert seg.embed_count == len(records) == 8
+    assert seg.embed_count == len(records) == len(decoded) == len(set(decoded)) == 8
     stats = label_stats(merged)
-    from sam4mllm.data.refer import ReferDataset
-
-    ds = ReferDataset(synthetic.root / "refer_seg", "refcoco", "val", synthetic.root / "coco/train2014")
-    assert stats["samples"] == len(ds) and stats["errors"] == 0 and stats["mean_iou"] > 0.9
+    ds = refer.ReferDataset(synthetic.root / "refer_seg", "refcoco", "val", synthetic.root / "coco/train2014")
+    assert stats["samples"] == len(ds) > 8 and stats["errors"] == 0 and stats["mean_iou"] > 0.9
+    # The same labels as when every sentence decodes its image itself.
+    plain_load = refer.ReferDataset.load
+    monkeypatch.setattr(refer.ReferDataset, "load", lambda self, record, image=None: plain_load(self, record))
+    each = generate_labels(_cfg(_data_dir(synthetic), tmp_path / "each", "+exp=ppg", "split=val"))
+    assert len(decoded) == 8 + stats["samples"] and each.read_bytes() == merged.read_bytes()
 
 
 def test_gres_labels_have_one_prompt_set_per_target_and_none_for_no_target(synthetic, tmp_path):

@@ -106,8 +106,12 @@ class SegDataset(Sequence[Sample]):
         return self.load(self.records[i])
 
     @abstractmethod
-    def load(self, record: dict[str, Any]) -> Sample:
-        """Decode one record into a :class:`Sample`."""
+    def load(self, record: dict[str, Any], image: np.ndarray | None = None) -> Sample:
+        """Decode one record into a :class:`Sample`.
+
+        ``image``: the record's image, already decoded by the load of another sentence of the
+        same image (the label job passes it on, so an image is decoded once, not once per sentence).
+        """
 
     def image_paths(self) -> list[Path]:
         """Every image the split references, once each (for layout checks)."""

@@ -108,8 +108,8 @@ class ReasonSegDataset(SegDataset):
         if not self.records and not self.skipped:
             raise ValueError(f"{folder} holds no <name>.json annotations")
 
-    def load(self, record: dict[str, Any]) -> Sample:
-        image = load_image(record["image_path"])
+    def load(self, record: dict[str, Any], image: np.ndarray | None = None) -> Sample:
+        image = load_image(record["image_path"]) if image is None else image
         h, w = image.shape[:2]
         shapes = json.loads(Path(record["json_path"]).read_text())["shapes"]
         try:

@@ -124,9 +124,10 @@ class ReferDataset(SegDataset):
                 "task": self.task,
             })
 
-    def load(self, record: dict[str, Any]) -> Sample:
+    def load(self, record: dict[str, Any], image: np.ndarray | None = None) -> Sample:
         h, w = record["height"], record["width"]
-        image = load_image(record["image_path"], (h, w), "instances.json says")
+        if image is None:
+            image = load_image(record["image_path"], (h, w), "instances.json says")
         anns = [self.anns[a] for a in record["ann_ids"]]
         try:  # an RLE of another size or a broken bbox: only decoding finds it
             masks = [decode_segmentation(a["segmentation"], h, w) for a in anns]

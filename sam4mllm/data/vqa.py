@@ -72,9 +72,9 @@ class VQADataset(SegDataset):
                 "task": "vqa",
             })
 
-    def load(self, record: dict[str, Any]) -> Sample:
+    def load(self, record: dict[str, Any], image: np.ndarray | None = None) -> Sample:
         return Sample(
-            image=load_image(record["image_path"]),
+            image=load_image(record["image_path"]) if image is None else image,
             expression=record["expression"],
             masks=[],
             boxes=np.zeros((0, 4)),
