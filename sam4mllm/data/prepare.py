@@ -55,24 +55,25 @@ def _check_split(ds: Any, name: str) -> tuple[int, int]:
 
     An unreadable image is one that exists but does not decode, or whose size differs from the annotations'.
     """
-    sizes = {Path(r["image_path"]): (r["height"], r["width"]) if "height" in r else None for r in ds.records}
-    unreadable: set[Path] = set()
-    for path in tqdm([p for p in sizes if p.exists()], desc=f"checking {name} images", unit="img"):
+    by_image: dict[Path, list[dict[str, Any]]] = {}
+    for r in ds.records:
+        by_image.setdefault(Path(r["image_path"]), []).append(r)
+    unreadable = malformed = 0
+    for path in tqdm([p for p in by_image if p.exists()], desc=f"checking {name}", unit="img"):
+        records = by_image[path]
         try:
-            load_image(path, sizes[path])
+            image = load_image(path, (records[0]["height"], records[0]["width"]) if "height" in records[0] else None)
         except (CorruptImageError, MalformedSampleError) as err:
             log.warning("%s", err)
-            unreadable.add(path)
-    # Loading a sentence decodes its image again: simple, and this check is slow by nature.
-    readable = [r for r in ds.records if (p := Path(r["image_path"])).exists() and p not in unreadable]
-    malformed = 0
-    for r in tqdm(readable, desc=f"checking {name} annotations", unit="sent"):
-        try:
-            ds.load(r)
-        except MalformedSampleError as err:
-            log.warning("%r: %s", r.get("expression"), err)
-            malformed += 1
-    return len(unreadable), malformed
+            unreadable += 1
+            continue
+        for r in records:  # each sentence's annotation, on the image decoded once
+            try:
+                ds.load(r, image)
+            except MalformedSampleError as err:
+                log.warning("%r: %s", r.get("expression"), err)
+                malformed += 1
+    return unreadable, malformed
 
 
 def prepare_data(cfg: Any) -> dict[str, list[list[object]]]:
