@@ -94,26 +94,28 @@ def shape_in_own_box(r: dict[str, Any], s: Any, rng: np.random.Generator) -> Pro
 
 def score(runs: list[tuple[dict, list, Any]], segmenter: Any, answers: Answers | None, seeds: int,
           tmp: Path) -> list[float | None]:
-    """Per view, mean cIoU and share of points right (None without points) over ``seeds`` draws."""
+    """Per view, mean cIoU and share of points right (None without points) over ``seeds`` draws.
+
+    The last draw's predictions of view ``k`` are left in ``tmp / f"view{k}"``."""
     out = []
-    for header, records, dataset in runs:
+    for k, (header, records, dataset) in enumerate(runs):
         cious, rights = [], []
         for seed in range(seeds if answers else 1):
             prompts = partial(answers, rng=np.random.default_rng(seed)) if answers else lambda r, s: ([], [], [])
-            m = resegment(header, records, tmp / "run", dataset, segmenter, prompts)
+            m = resegment(header, records, tmp / f"view{k}", dataset, segmenter, prompts)
             cious.append(m["cIoU"])
             rights.append(m["points_right"])
         out += [float(np.mean(cious)), float(np.mean(rights)) if rights[0] is not None else None]
     return out
 
 
-def missed(header: dict, records: list, dataset: Any, segmenter: Any, tmp: Path) -> tuple[float, float | None]:
-    """Box-only's lost pixels (union - intersection): the share on target sentences given no box,
-    and the cIoU over the sentences given one (None if none is)."""
-    resegment(header, records, tmp / "box_only", dataset, segmenter, lambda r, s: ([], [], []))
+def missed(box_only: Path, dataset: Any) -> tuple[float, float | None]:
+    """Box-only's lost pixels (union - intersection) in its predictions folder: the share on target
+    sentences given no box, and the cIoU over the sentences given one (None if none is)."""
+    header, records = read_shard(box_only / MERGED)
     ds = build_dataset(dataset, header["split"])
     meters = {boxed: SegmentationMeter() for boxed in (False, True)}
-    for r in read_shard(tmp / "box_only" / MERGED)[1]:
+    for r in records:
         s = ds[int(r["key"])]
         meters[bool(r.get("boxes"))].update(predicted_mask(r, s.size), s.union_mask(), s.ignore)
     lost = {k: sum(x.union - x.intersection for x in m.scores) for k, m in meters.items()}
@@ -142,6 +144,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rows.append(["box-only (no points)", *score(runs, seg, None, 1, tmp)])
+        lost = [missed(tmp / f"view{k}", dataset) for k, (_, _, dataset) in enumerate(runs)]
         for f in (0.0, 0.25, 0.35, 0.5, 0.75, 1.0):
             rows.append([f"repaired f={f:g} (threshold {args.threshold:g})",
                          *score(runs, seg, repaired(args.threshold, f), args.seeds if 0 < f < 1 else 1, tmp)])
@@ -160,12 +163,10 @@ def main() -> None:
         print(f"{view}: box-only {box[1 + 2 * i]:.3f}; " + (
             f"the least accurate points above it: {least[0]} ({least[2 + 2 * i]:.3f} right, cIoU "
             f"{least[1 + 2 * i]:.3f})" if least else "no row above it"))
-    with tempfile.TemporaryDirectory() as tmp:
-        for view, (header, records, dataset) in zip(VIEWS, runs, strict=True):
-            share, boxed = missed(header, records, dataset, seg, Path(tmp))
-            print(f"{view}: {share:.1%} of box-only's lost pixels are on target sentences it gives no box "
-                  f"(no points win them back); on the sentences it gives a box its cIoU is "
-                  + ("-" if boxed is None else f"{boxed:.3f}"))
+    for view, (share, boxed) in zip(VIEWS, lost, strict=True):
+        print(f"{view}: {share:.1%} of box-only's lost pixels are on target sentences it gives no box "
+              f"(no points win them back); on the sentences it gives a box its cIoU is "
+              + ("-" if boxed is None else f"{boxed:.3f}"))
 
 
 if __name__ == "__main__":
