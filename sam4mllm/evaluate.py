@@ -30,7 +30,7 @@ from sam4mllm.data import build_dataset
 from sam4mllm.data.errors import UNREADABLE
 from sam4mllm.data.masks import decode_segmentation, encode_rle
 from sam4mllm.device import config_on_device
-from sam4mllm.metrics import SegmentationMeter, VQAMeter
+from sam4mllm.metrics import SegmentationMeter, VQAMeter, score_sample
 from sam4mllm.report import markdown_table
 from sam4mllm.shards import (
     ShardWriter,
@@ -42,7 +42,7 @@ from sam4mllm.shards import (
     shard_path,
     write_records,
 )
-from sam4mllm.viz import save_overlay
+from sam4mllm.viz import overlay, save_png, side_by_side
 
 log = logging.getLogger(__name__)
 PRED_FORMAT, PRED_VERSION, MERGED = "sam4mllm-predictions", 1, "predictions.jsonl"
@@ -281,18 +281,22 @@ def write_reports(out_dir: Path, metrics: dict[str, Any]) -> None:
 
 
 def write_overlays(predictions: Path, ds: Any, out_dir: Path, n: int) -> list[Path]:
-    """Overlay PNGs (prediction masks, boxes, kept points) of the first ``n`` samples."""
+    """Overlay PNGs of ``n`` samples spread over the split: the ground truth (left) beside the
+    prediction (right: its masks, boxes and kept points, titled with the sample's IoU)."""
+    records = [r for r in iter_records(predictions) if "error" not in r and "masks" in r]
+    # Spread the picks: consecutive sentences often describe one image.
+    picks = np.unique(np.linspace(0, len(records) - 1, num=min(n, len(records))).round().astype(int))
     paths = []
-    for r in list(iter_records(predictions))[:n]:
-        if "error" in r or "masks" not in r:
-            continue
+    for r in (records[i] for i in picks):
         sample = ds[int(r["key"])]
         h, w = sample.size
         masks = [decode_segmentation(m, h, w) for m in r["masks"]]
-        pts = [p for group in r["points"] for p in group]
-        labels = [lb for group in r["labels"] for lb in group]
-        verdict = "no target" if r.get("no_target") else ("invalid: " + r["reason"]) if not r["valid"] else ""
-        title = f"{sample.expression} {verdict}".strip()
-        paths.append(save_overlay(out_dir / f"{int(r['index']):05d}.png", sample.image, masks=masks,
-                                  boxes=r["boxes"], points=pts, labels=labels, title=title, scale=4))
+        score = score_sample(predicted_mask(r, sample.size), sample.union_mask(), sample.ignore)
+        verdict = ("no target" if r.get("no_target") else f"IoU {score.iou:.3f}") + (
+            "" if r["valid"] else f", invalid: {r['reason']}")
+        gt = overlay(sample.image, masks=sample.masks, boxes=sample.boxes, scale=4,
+                     title="ground truth" if sample.masks else "ground truth: no target")
+        pred = overlay(sample.image, masks=masks, boxes=r["boxes"], points=[p for g in r["points"] for p in g],
+                       labels=[lb for g in r["labels"] for lb in g], scale=4, title=f"prediction: {verdict}")
+        paths.append(save_png(out_dir / f"{int(r['index']):05d}.png", side_by_side([gt, pred], sample.expression)))
     return paths

@@ -1,4 +1,5 @@
-"""Overlays of masks, boxes and positive/negative prompt points, saved as PNG."""
+"""Overlays of masks, boxes and positive/negative prompt points, and ground truth beside
+prediction, saved as PNG."""
 
 from __future__ import annotations
 
@@ -57,9 +58,29 @@ def overlay(
     return out
 
 
-def save_overlay(path: str | Path, image: np.ndarray, **kwargs: object) -> Path:
-    """:func:`overlay` and write it to ``path`` as PNG (parent folders are created)."""
+def side_by_side(panels: Sequence[Image.Image], caption: str | None = None, gap: int = 4) -> Image.Image:
+    """``panels`` left to right, ``gap`` white pixels apart, under a white strip holding ``caption``
+    (long referring expressions fit there, not on one small panel)."""
+    strip = 14 if caption else 0
+    out = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1),
+                            max(p.height for p in panels) + strip), (255, 255, 255))
+    x = 0
+    for p in panels:
+        out.paste(p, (x, strip))
+        x += p.width + gap
+    if caption:
+        ImageDraw.Draw(out).text((2, 1), caption, fill=(0, 0, 0))
+    return out
+
+
+def save_png(path: str | Path, image: Image.Image) -> Path:
+    """Write ``image`` to ``path`` as PNG, creating parent folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    overlay(image, **kwargs).save(path, format="PNG")  # type: ignore[arg-type]
+    image.save(path, format="PNG")
     return path
+
+
+def save_overlay(path: str | Path, image: np.ndarray, **kwargs: object) -> Path:
+    """:func:`overlay` and write it to ``path`` as PNG (parent folders are created)."""
+    return save_png(path, overlay(image, **kwargs))  # type: ignore[arg-type]

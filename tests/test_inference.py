@@ -17,11 +17,14 @@ from PIL import Image
 
 from sam4mllm.codec import Point, TargetPrompt
 from sam4mllm.data import CorruptImageError, MalformedSampleError, build_dataset
+from sam4mllm.data.base import Sample
+from sam4mllm.data.masks import encode_rle
 from sam4mllm.dialogs import Dialog, box_question, point_question
-from sam4mllm.evaluate import evaluate, rescore
+from sam4mllm.evaluate import evaluate, rescore, write_overlays
 from sam4mllm.inference import PQPPConfig, Sam4MLLM, SegmentResult, sample_points
 from sam4mllm.sam.grabcut import GrabCutSegmenter
-from sam4mllm.shards import read_shard, shard_path
+from sam4mllm.shards import read_shard, shard_path, write_records
+from sam4mllm.viz import overlay
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = (np.random.default_rng(0).random((112, 112, 3)) * 255).astype(np.uint8)
@@ -183,6 +186,41 @@ def test_evaluator_scores_oracle_perfectly_and_counts_invalid(workspace, tmp_pat
     assert m2 == rescore(tmp_path / "b" / "predictions.jsonl", _eval_cfg(workspace, tmp_path / "b",
                                                                           "dataset=synthetic_gres").dataset)
     assert len(list((tmp_path / "a" / "overlays").glob("*.png"))) == 8
+
+
+def test_overlays_show_the_ground_truth_beside_the_prediction_and_its_iou(tmp_path):
+    image = np.full((10, 12, 3), 90, np.uint8)
+    gt = np.zeros((10, 12), bool)
+    gt[2:6, 2:6] = True
+    half = gt.copy()
+    half[4:6] = False  # IoU 8 / 16
+
+    def sample(i: int) -> Sample:
+        masks = [] if i == 9 else [gt]
+        return Sample(image, f"sentence {i}", masks, np.array([[2, 2, 6, 6]] if masks else []).reshape(-1, 4),
+                      "gres", "test", "val", i, f"s{i}", tmp_path)
+
+    def record(i: int) -> dict:
+        if i == 3:
+            return {"key": "3", "index": 3, "error": "CorruptImageError: x", "valid": False}
+        masks = [] if i == 9 else [half]
+        return {"key": str(i), "index": i, "valid": True, "reason": "ok", "no_target": i == 9,
+                "masks": [encode_rle(m) for m in masks], "boxes": [[2, 2, 6, 4]] if masks else [],
+                "points": [[[3, 3]]] if masks else [], "labels": [[1]] if masks else []}
+
+    path = write_records(tmp_path / "p.jsonl", {}, [record(i) for i in range(10)])
+    written = write_overlays(path, [sample(i) for i in range(10)], tmp_path / "ov", 3)
+    # The unreadable record is left out; the picks spread over the other nine, first to last.
+    assert [p.name for p in written] == ["00000.png", "00005.png", "00009.png"]
+    for png, i in zip(written, (0, 5, 9), strict=True):
+        out = np.asarray(Image.open(png).convert("RGB"))
+        left = overlay(image, masks=sample(i).masks, boxes=sample(i).boxes, scale=4,
+                       title="ground truth: no target" if i == 9 else "ground truth")
+        right = overlay(image, masks=[] if i == 9 else [half], boxes=[] if i == 9 else [[2, 2, 6, 4]],
+                        points=[] if i == 9 else [[3, 3]], labels=[] if i == 9 else [1], scale=4,
+                        title="prediction: no target" if i == 9 else "prediction: IoU 0.500")
+        assert out.shape == (14 + 40, 48 + 4 + 48, 3)
+        assert np.array_equal(out[14:, :48], np.asarray(left)) and np.array_equal(out[14:, 52:], np.asarray(right))
 
 
 def test_unreadable_samples_are_counted_left_out_and_retried_on_resume(workspace, synthetic, tmp_path, monkeypatch):

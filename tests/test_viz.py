@@ -1,7 +1,7 @@
 import numpy as np
 from PIL import Image
 
-from sam4mllm.viz import NEGATIVE, PALETTE, POSITIVE, overlay, save_overlay
+from sam4mllm.viz import NEGATIVE, PALETTE, POSITIVE, overlay, save_overlay, side_by_side
 
 
 def test_overlay_tints_masks_outlines_them_and_marks_points(tmp_path):
@@ -26,3 +26,13 @@ def test_overlay_box_and_scale(tmp_path):
 def test_save_overlay_writes_png(tmp_path):
     p = save_overlay(tmp_path / "a/b.png", np.zeros((4, 4, 3), np.uint8))
     assert Image.open(p).format == "PNG"
+
+
+def test_side_by_side_puts_panels_in_a_row_under_their_caption():
+    a, b = Image.new("RGB", (5, 4), (10, 20, 30)), Image.new("RGB", (3, 6), (40, 50, 60))
+    out = np.asarray(side_by_side([a, b], caption="x", gap=2))
+    assert out.shape == (14 + 6, 5 + 2 + 3, 3)
+    assert (out[14:18, :5] == (10, 20, 30)).all() and (out[18:, :5] == 255).all()  # a, white below it
+    assert (out[14:, 5:7] == 255).all() and (out[14:, 7:] == (40, 50, 60)).all()   # the gap, then b
+    assert (out[:14] != 255).any()                                                  # the caption
+    assert np.asarray(side_by_side([a, b], gap=2)).shape == (6, 10, 3)               # no caption, no strip
