@@ -75,7 +75,7 @@ class TinySpec:
     # an image token sits. A small theta makes those axes visible.
     rope_theta: float = 10000.0
     # Weight init std (the configs' initializer_range). The usual 0.02 suits wide models;
-    # the width-128 grounding probes learned faster at 0.08 (README, "The CPU demo").
+    # the width-128 grounding probes learned faster at 0.08 (docs/cpu_demo_history.md).
     init_std: float = 0.02
     # Std of Qwen3-VL's learned ViT position table (None: init_std). At 0.02 the table is
     # tiny next to the patch content (std about 1), so the LLM barely sees where a token is.
