@@ -281,8 +281,8 @@ def write_reports(out_dir: Path, metrics: dict[str, Any]) -> None:
 
 
 def write_overlays(predictions: Path, ds: Any, out_dir: Path, n: int) -> list[Path]:
-    """Overlay PNGs of ``n`` samples spread over the split: the ground truth (left) beside the
-    prediction (right: its masks, boxes and kept points, titled with the sample's IoU)."""
+    """Overlay PNGs of ``n`` samples spread over the split: the ground truth (left; ignored pixels
+    grey) beside the prediction (right: its masks, boxes and kept points, titled with the sample's IoU)."""
     records = [r for r in iter_records(predictions) if "error" not in r and "masks" in r]
     # Spread the picks: consecutive sentences often describe one image.
     picks = np.unique(np.linspace(0, len(records) - 1, num=min(n, len(records))).round().astype(int))
@@ -294,7 +294,7 @@ def write_overlays(predictions: Path, ds: Any, out_dir: Path, n: int) -> list[Pa
         score = score_sample(predicted_mask(r, sample.size), sample.union_mask(), sample.ignore)
         verdict = ("no target" if r.get("no_target") else f"IoU {score.iou:.3f}") + (
             "" if r["valid"] else f", invalid: {r['reason']}")
-        gt = overlay(sample.image, masks=sample.masks, boxes=sample.boxes, scale=4,
+        gt = overlay(sample.image, masks=sample.masks, boxes=sample.boxes, scale=4, ignore=sample.ignore,
                      title="ground truth" if sample.masks else "ground truth: no target")
         pred = overlay(sample.image, masks=masks, boxes=r["boxes"], points=[p for g in r["points"] for p in g],
                        labels=[lb for g in r["labels"] for lb in g], scale=4, title=f"prediction: {verdict}")

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 
 PALETTE = [(255, 64, 64), (64, 160, 255), (255, 200, 0), (160, 64, 255), (0, 200, 120), (255, 120, 200)]
 POSITIVE, NEGATIVE = (0, 230, 0), (255, 0, 0)
+IGNORED = (128, 128, 128)
 
 
 def _erode(m: np.ndarray) -> np.ndarray:
@@ -28,13 +29,17 @@ def overlay(
     alpha: float = 0.5,
     title: str | None = None,
     scale: int = 1,
+    ignore: np.ndarray | None = None,
 ) -> Image.Image:
     """Draw masks (tinted), ``XYXY`` boxes (outlines) and points (green inside, red outside).
 
     All coordinates are original-image pixels; ``scale`` enlarges small images so that
-    points stay visible. Returns a PIL image; nothing is written.
+    points stay visible. ``ignore`` (``HxW`` bool, e.g. ReasonSeg's ignored pixels) is
+    tinted grey, without an outline. Returns a PIL image; nothing is written.
     """
     canvas = image.astype(np.float32).copy()
+    if ignore is not None:
+        canvas[ignore] = (1 - alpha) * canvas[ignore] + alpha * np.array(IGNORED, np.float32)
     for k, m in enumerate(masks):
         color = np.array(PALETTE[k % len(PALETTE)], np.float32)
         canvas[m] = (1 - alpha) * canvas[m] + alpha * color

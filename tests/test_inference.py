@@ -194,11 +194,13 @@ def test_overlays_show_the_ground_truth_beside_the_prediction_and_its_iou(tmp_pa
     gt[2:6, 2:6] = True
     half = gt.copy()
     half[4:6] = False  # IoU 8 / 16
+    ignore = np.zeros_like(gt)
+    ignore[5] = True  # on sample 5: IoU 8 / 12, the GT's last row ignored
 
     def sample(i: int) -> Sample:
         masks = [] if i == 9 else [gt]
         return Sample(image, f"sentence {i}", masks, np.array([[2, 2, 6, 6]] if masks else []).reshape(-1, 4),
-                      "gres", "test", "val", i, f"s{i}", tmp_path)
+                      "gres", "test", "val", i, f"s{i}", tmp_path, ignore=ignore if i == 5 else None)
 
     def record(i: int) -> dict:
         if i == 3:
@@ -214,11 +216,11 @@ def test_overlays_show_the_ground_truth_beside_the_prediction_and_its_iou(tmp_pa
     assert [p.name for p in written] == ["00000.png", "00005.png", "00009.png"]
     for png, i in zip(written, (0, 5, 9), strict=True):
         out = np.asarray(Image.open(png).convert("RGB"))
-        left = overlay(image, masks=sample(i).masks, boxes=sample(i).boxes, scale=4,
+        left = overlay(image, masks=sample(i).masks, boxes=sample(i).boxes, scale=4, ignore=sample(i).ignore,
                        title="ground truth: no target" if i == 9 else "ground truth")
         right = overlay(image, masks=[] if i == 9 else [half], boxes=[] if i == 9 else [[2, 2, 6, 4]],
                         points=[] if i == 9 else [[3, 3]], labels=[] if i == 9 else [1], scale=4,
-                        title="prediction: no target" if i == 9 else "prediction: IoU 0.500")
+                        title={0: "prediction: IoU 0.500", 5: "prediction: IoU 0.667", 9: "prediction: no target"}[i])
         assert out.shape == (14 + 40, 48 + 4 + 48, 3)
         assert np.array_equal(out[14:, :48], np.asarray(left)) and np.array_equal(out[14:, 52:], np.asarray(right))
 

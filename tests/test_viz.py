@@ -1,7 +1,7 @@
 import numpy as np
 from PIL import Image
 
-from sam4mllm.viz import NEGATIVE, PALETTE, POSITIVE, overlay, save_overlay, side_by_side
+from sam4mllm.viz import IGNORED, NEGATIVE, PALETTE, POSITIVE, overlay, save_overlay, side_by_side
 
 
 def test_overlay_tints_masks_outlines_them_and_marks_points(tmp_path):
@@ -36,3 +36,16 @@ def test_side_by_side_puts_panels_in_a_row_under_their_caption():
     assert (out[14:, 5:7] == 255).all() and (out[14:, 7:] == (40, 50, 60)).all()   # the gap, then b
     assert (out[:14] != 255).any()                                                  # the caption
     assert np.asarray(side_by_side([a, b], gap=2)).shape == (6, 10, 3)               # no caption, no strip
+
+
+def test_overlay_tints_ignored_pixels_grey_under_the_masks():
+    img = np.full((6, 6, 3), 100, np.uint8)
+    ignore, mask = np.zeros((6, 6), bool), np.zeros((6, 6), bool)
+    ignore[:, :3] = True
+    mask[1:5, 1:5] = True
+    out = np.asarray(overlay(img, masks=[mask], ignore=ignore, alpha=0.5))
+    grey = [0.5 * 100 + 0.5 * c for c in IGNORED]
+    assert out[0, 0].tolist() == [round(v) for v in grey]                            # ignored only
+    assert out[2, 2].tolist() == [round(0.5 * g + 0.5 * c) for g, c in zip(grey, PALETTE[0], strict=True)]
+    assert out[2, 3].tolist() == [round(0.5 * 100 + 0.5 * c) for c in PALETTE[0]]  # mask only
+    assert out[0, 4].tolist() == [100, 100, 100]                                       # neither

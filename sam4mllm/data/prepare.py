@@ -113,6 +113,6 @@ def _write_overlays(dataset_cfg: Any, out_dir: Path, n: int) -> None:
     for i in np.unique(np.linspace(0, len(ds) - 1, num=min(n, len(ds))).round().astype(int)):
         s = ds[int(i)]
         title = s.expression if s.answers is None else f"{s.expression} -> {s.answers[0]}"
-        masks = s.masks + ([s.ignore] if s.ignore is not None and s.ignore.any() else [])
-        save_overlay(out_dir / f"{i:03d}.png", s.image, masks=masks, boxes=s.boxes, title=title, scale=4)
+        save_overlay(out_dir / f"{i:03d}.png", s.image, masks=s.masks, boxes=s.boxes, ignore=s.ignore, title=title,
+                     scale=4)
         (out_dir / f"{i:03d}.txt").write_text(title + "\n")
