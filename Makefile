@@ -32,7 +32,7 @@ test: $(STAMP) lint
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
-# Trains a tiny PQPP model until it beats the trivial baselines (8-11 min; not in CI).
+# Trains a tiny PQPP model until it beats the trivial baselines (4-11 min; not in CI).
 test-learning: $(STAMP)
 	$(PY) -m pytest -q -m learning -s
 

@@ -296,10 +296,10 @@ def test_learned_pqpp_beats_the_trivial_baselines_by_a_clear_margin(tmp_path):
 
     On a benchmark a CPU can learn in minutes: one object per image, so it tests *localising*,
     not yet choosing the referred object among several (the demo's open problem, README).
-    8-11 minutes, so `make test` leaves it out (CI runs the reduced test above and the
+    4-11 minutes, so `make test` leaves it out (CI runs the reduced test above and the
     plumbing test); `make test-learning` runs it.
     """
     learned, _, trivial = _train_and_score_pqpp(
         tmp_path, "{train:1000,val:40,testA:1,testB:1}", 3,
         ["pqpp_mode=joint", "train.max_steps=1000", "train.micro_batch_size=16"], ["eval.pqpp.mode=joint"], "val")
-    assert learned >= max(trivial.values()) + 0.15  # measured: 0.910 vs centre box 0.586
+    assert learned >= max(trivial.values()) + 0.15  # measured: 0.910-0.921 vs centre box 0.586
