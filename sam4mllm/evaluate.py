@@ -42,7 +42,7 @@ from sam4mllm.shards import (
     shard_path,
     write_records,
 )
-from sam4mllm.viz import overlay, save_png, side_by_side
+from sam4mllm.viz import overlay, save_png, side_by_side, spread
 
 log = logging.getLogger(__name__)
 PRED_FORMAT, PRED_VERSION, MERGED = "sam4mllm-predictions", 1, "predictions.jsonl"
@@ -284,14 +284,11 @@ def write_overlays(predictions: Path, ds: Any, out_dir: Path, n: int) -> list[Pa
     """Overlay PNGs of ``n`` samples spread over the split: the ground truth (left; ignored pixels
     grey) beside the prediction (right: its masks, boxes and kept points, titled with the sample's IoU)."""
     records = [r for r in iter_records(predictions) if "error" not in r and "masks" in r]
-    # Spread the picks: consecutive sentences often describe one image.
-    picks = np.unique(np.linspace(0, len(records) - 1, num=min(n, len(records))).round().astype(int))
     paths = []
-    for r in (records[i] for i in picks):
+    for r in (records[i] for i in spread(len(records), n)):
         sample = ds[int(r["key"])]
-        h, w = sample.size
-        masks = [decode_segmentation(m, h, w) for m in r["masks"]]
-        score = score_sample(predicted_mask(r, sample.size), sample.union_mask(), sample.ignore)
+        masks = [decode_segmentation(m, *sample.size) for m in r["masks"]]
+        score = score_sample(np.any(masks, 0) if masks else None, sample.union_mask(), sample.ignore)
         verdict = ("no target" if r.get("no_target") else f"IoU {score.iou:.3f}") + (
             "" if r["valid"] else f", invalid: {r['reason']}")
         gt = overlay(sample.image, masks=sample.masks, boxes=sample.boxes, scale=4, ignore=sample.ignore,

@@ -63,6 +63,12 @@ def overlay(
     return out
 
 
+def spread(total: int, n: int) -> np.ndarray:
+    """Up to ``n`` indices spread evenly over ``range(total)``, first and last included: consecutive
+    samples often share one image, so the first ``n`` would show few of them."""
+    return np.unique(np.linspace(0, total - 1, num=min(n, total)).round().astype(int))
+
+
 def side_by_side(panels: Sequence[Image.Image], caption: str | None = None, gap: int = 4) -> Image.Image:
     """``panels`` left to right, ``gap`` white pixels apart, under a white strip holding ``caption``
     (long referring expressions fit there, not on one small panel)."""

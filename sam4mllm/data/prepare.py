@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
@@ -17,7 +16,7 @@ from sam4mllm.data.base import load_image
 from sam4mllm.data.errors import CorruptImageError, MalformedSampleError
 from sam4mllm.data.synthetic import generate_synthetic
 from sam4mllm.report import markdown_table
-from sam4mllm.viz import save_overlay
+from sam4mllm.viz import save_overlay, spread
 
 log = logging.getLogger(__name__)
 SYNTHETIC_VIEWS = ("synthetic", "synthetic_gres", "synthetic_reasonseg", "synthetic_vqa")
@@ -109,8 +108,7 @@ def _print(name: str, rows: list[list[object]]) -> None:
 
 def _write_overlays(dataset_cfg: Any, out_dir: Path, n: int) -> None:
     ds = build_dataset(dataset_cfg, dataset_cfg.split)
-    # Spread the picks over the split: consecutive samples often share one image.
-    for i in np.unique(np.linspace(0, len(ds) - 1, num=min(n, len(ds))).round().astype(int)):
+    for i in spread(len(ds), n):
         s = ds[int(i)]
         title = s.expression if s.answers is None else f"{s.expression} -> {s.answers[0]}"
         save_overlay(out_dir / f"{i:03d}.png", s.image, masks=s.masks, boxes=s.boxes, ignore=s.ignore, title=title,
