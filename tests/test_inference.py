@@ -415,11 +415,18 @@ def test_paper_tables_put_ours_next_to_the_paper(tmp_path):
     swept.mkdir(parents=True)
     (swept / "metrics.json").write_text(json.dumps({"dataset": "refcocog", "split": "val", "variant": "pqpp",
                                                     "cIoU": 0.33}))
+    ppg = tmp_path / "ppg-qwen2vl" / "refcocog-val" / "default"
+    ppg.mkdir(parents=True)
+    (ppg / "metrics.json").write_text(json.dumps({"dataset": "refcocog", "split": "val", "variant": "ppg",
+                                                  "cIoU": 0.4567}))
     text = render_tables(tmp_path)
     assert "51.2 / 74.5" in text          # Table 2, refcocog val: ours / paper PQPP
     assert "- / 75.2" in text              # refcocog test: no run, paper only
     assert "25.0 / 69.5" in text         # Table 6, threshold 0.6
     assert re.search(r"\| pqpp-qwen3vl +\| default +\| 33\.0 / 74\.5 +\|", text)  # Table 6's 0.9 row from thr0.9
+    assert "45.7 / 74.2" in text         # Table 2, refcocog val: ours / paper PPG
+    table6 = text.split("### Table 6")[1]
+    assert "ppg-qwen2vl" not in table6    # the ablations are PQPP's: no PPG rows beside its numbers
     assert "No evaluation found" not in text
     assert "No evaluation found" in render_tables(tmp_path / "pqpp-qwen2vl" / "refcocog-val")  # no run at this depth
     with pytest.raises(FileNotFoundError, match="no evaluation folder"):
