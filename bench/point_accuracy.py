@@ -54,7 +54,7 @@ def repaired(threshold: float, f: float) -> Answers:
     """The model's answers above ``threshold``, each wrong one set right with probability ``f``."""
     def answers(r: dict[str, Any], s: Any, rng: np.random.Generator) -> Prompts:
         gt = s.union_mask()
-        points, labels, confidences = confident_answers(r, threshold)
+        points, labels, confidences = confident_answers(r, PQPPConfig(threshold=threshold))
         for i, (p, lb) in enumerate(zip(points, labels, strict=True)):
             truth = gt[p[:, 1].astype(int), p[:, 0].astype(int)].astype(np.int64)
             labels[i] = np.where((lb != truth) & (rng.random(len(lb)) < f), truth, lb)

@@ -224,7 +224,7 @@ def from_pqpp_boxes(pqpp_dir: Path, out_dir: Path, dataset_cfg: Any, segmenter: 
         return pts, labels, [np.ones(len(p)) for p in pts]
 
     variant = "box_only" if oracle_points is None else "pqpp_oracle_points"
-    header = {k: v for k, v in header.items() if k != "pqpp_threshold"}
+    header = {k: v for k, v in header.items() if k not in ("pqpp_threshold", "pqpp_yes_threshold")}
     return resegment({**header, "variant": variant}, records, out_dir, dataset_cfg, segmenter, points, overlays)
 
 
@@ -290,7 +290,8 @@ def run_demo(cfg: Any) -> list[list[Any]]:
             f"out_dir={out / 'eval' / folder / view}", f"eval.pqpp.mode={asked}", *cfg.eval_overrides, *extra],
             pool, cfg.ranks) for view in VIEWS.values()]
             for variant, folder, extra in [("ppg", "ppg", [f"eval.overlays={cfg.overlays}"]),
-                                           ("pqpp", "pqpp_all", ["eval.overlays=0", "eval.pqpp.threshold=0"])]}
+                                           ("pqpp", "pqpp_all", ["eval.overlays=0", "eval.pqpp.threshold=0",
+                                                                     "eval.pqpp.yes_threshold=null"])]}
     views = list(zip(VIEWS.values(), datasets, strict=True))
     every = [out / "eval" / "pqpp_all" / view / MERGED for view in VIEWS.values()]
 
@@ -301,7 +302,8 @@ def run_demo(cfg: Any) -> list[list[Any]]:
                                             ("PQPP boxes + GT point answers", "pqpp_oracle_points", grid)]}
     # Each threshold re-segmented once; the table's own (paper: 0.9) into eval/pqpp/ with its overlays.
     swept = {t: [rethreshold(p, out / "eval" / ("pqpp" if t == grid.threshold else f"pqpp_thr{t:g}") / view, d,
-                             segmenter, t, cfg.overlays if t == grid.threshold else 0)
+                             segmenter, t, cfg.overlays if t == grid.threshold else 0,
+                             grid.yes_threshold if t == grid.threshold else None)
                  for p, (view, d) in zip(every, views, strict=True)]
              for t in sorted({*cfg.thresholds, grid.threshold})}
     rows += [_row(name, *derived[name]) for name in derived]
@@ -309,11 +311,13 @@ def run_demo(cfg: Any) -> list[list[Any]]:
     table = markdown_table(COLUMNS, rows, digits=3)
     print("\n== 5. results on synthetic val (RES: one target per sentence; GRES: multi- and no-target)\n")
     print(table)
-    sweep = [["every answer", *learned["pqpp_all"]], *([f"{t:g}", *swept[t]] for t in cfg.thresholds),
+    table_row = f"{grid.threshold:g}" + ("" if grid.yes_threshold is None else f" (Yes: {grid.yes_threshold:g})")
+    sweep = [["every answer", *learned["pqpp_all"]],
+             *([table_row if t == grid.threshold else f"{t:g}", *swept[t]] for t in cfg.thresholds),
              ["none (box-only)", *derived["box-only (PQPP model, round 1)"]]]
     sweep = [[name, *(m[k] for m in per_view for k in ("cIoU", "points", "points_right"))] for name, *per_view in sweep]
     sweep_table = markdown_table(SWEEP_COLUMNS, sweep, digits=3)
-    print(f"\nPQPP's points kept by the point-filter threshold (paper Table 6a; the table: {grid.threshold:g}),"
+    print(f"\nPQPP's points kept by the point-filter threshold (paper Table 6a; the table: {table_row}),"
           " re-segmented from one evaluation that kept every answer; 'right': the GT agrees at the point\n")
     print(sweep_table)
     targets = check_targets(rows, cfg.targets.pqpp_ciou, cfg.targets.n_acc)

@@ -30,6 +30,7 @@ from sam4mllm.data import build_dataset
 from sam4mllm.data.errors import UNREADABLE
 from sam4mllm.data.masks import decode_segmentation, encode_rle
 from sam4mllm.device import config_on_device
+from sam4mllm.inference import PQPPConfig, Sam4MLLM, segment_targets
 from sam4mllm.metrics import SegmentationMeter, VQAMeter, score_sample
 from sam4mllm.report import markdown_table
 from sam4mllm.shards import (
@@ -50,14 +51,20 @@ PRED_FORMAT, PRED_VERSION, MERGED = "sam4mllm-predictions", 1, "predictions.json
 
 def build_predictor(cfg: Any) -> Any:
     """The :class:`Sam4MLLM` of a config: backbone + trained weights + segmenter + round-2 settings."""
-    from sam4mllm.inference import PQPPConfig, Sam4MLLM
     from sam4mllm.models.merge import load_finetuned
 
     adapter = build(cfg.model)
     if cfg.checkpoint:
         load_finetuned(adapter, cfg.checkpoint)
-    pqpp = PQPPConfig(**OmegaConf.to_container(cfg.eval.pqpp, resolve=True))
-    return Sam4MLLM(adapter, build(cfg.sam), cfg.variant, pqpp, cfg.eval.max_new_tokens, cfg.seed)
+    return Sam4MLLM(adapter, build(cfg.sam), cfg.variant, _pqpp(cfg), cfg.eval.max_new_tokens, cfg.seed)
+
+
+def _pqpp(cfg: Any) -> PQPPConfig:
+    return PQPPConfig(**OmegaConf.to_container(cfg.eval.pqpp, resolve=True))
+
+
+def _thresholds(pqpp: PQPPConfig) -> dict[str, float]:
+    return {"pqpp_threshold": float(pqpp.threshold), "pqpp_yes_threshold": float(pqpp.yes_bar)}
 
 
 def _checkpoint_stamp(checkpoint: str | None) -> list[tuple[str, int, int]]:
@@ -75,8 +82,8 @@ def _header(cfg: Any, split: str, data: str) -> dict[str, Any]:
                 "split": split, "model": config_on_device(cfg.model), "sam": config_on_device(cfg.sam),
                 "eval": OmegaConf.to_container(cfg.eval, resolve=True), "seed": cfg.seed}
     digest = hashlib.sha256(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    # PQPP records keep only the answers above the threshold: rethreshold() must know it.
-    threshold = {"pqpp_threshold": float(cfg.eval.pqpp.threshold)} if cfg.variant == "pqpp" else {}
+    # PQPP records keep only the answers above the thresholds: rethreshold() must know them.
+    threshold = _thresholds(_pqpp(cfg)) if cfg.variant == "pqpp" else {}
     return {"format": PRED_FORMAT, "version": PRED_VERSION, "config_hash": digest, "variant": cfg.variant,
             "dataset": cfg.dataset.name, "split": split, "task": cfg.dataset.task, **threshold}
 
@@ -107,9 +114,11 @@ def evaluate(cfg: Any, predictor: Any = None) -> dict[str, Any] | None:
     Returns the metrics (or ``None`` while other shards still run).
     """
     sweep = cfg.eval.get("rethreshold") or []
-    if sweep and (cfg.variant != "pqpp" or min(sweep) < cfg.eval.pqpp.threshold):  # before hours of evaluating
+    pqpp = _pqpp(cfg)
+    floor = max(pqpp.threshold, pqpp.yes_bar)  # every answer above it is in the predictions
+    if sweep and (cfg.variant != "pqpp" or min(sweep) < floor):  # before hours of evaluating
         raise ValueError(f"eval.rethreshold={list(sweep)} re-segments PQPP's answers: it needs variant=pqpp and "
-                         f"thresholds >= eval.pqpp.threshold ({cfg.eval.pqpp.threshold}), got variant={cfg.variant}")
+                         f"thresholds >= eval.pqpp's thresholds ({floor}), got variant={cfg.variant}")
     split = cfg.split or cfg.dataset.split
     ds = build_dataset(cfg.dataset, split)  # missing data fails here, before any model loads
     out_dir = Path(cfg.out_dir)
@@ -204,8 +213,6 @@ def resegment(header: dict[str, Any], records: list[dict[str, Any]], out_dir: st
     ``prompts(record, sample)`` gives each box's points, labels and confidences. Writes
     what an evaluation writes (predictions under ``header``, metrics, overlays) to ``out_dir``.
     """
-    from sam4mllm.inference import segment_targets
-
     ds = build_dataset(dataset_cfg, header["split"])
     out = []
     for r in records:
@@ -229,37 +236,39 @@ def resegment(header: dict[str, Any], records: list[dict[str, Any]], out_dir: st
     return metrics
 
 
-def confident_answers(record: dict[str, Any], threshold: float) -> Prompts:
-    """A PQPP record's points, labels and confidences, each box's kept only where the answer
-    is more confident than ``threshold`` (the predictor's filter)."""
+def confident_answers(record: dict[str, Any], keep: PQPPConfig) -> Prompts:
+    """A PQPP record's points, labels and confidences, each box's kept only where ``keep``'s
+    thresholds keep the answer (the predictor's filter)."""
     points, labels, confidences = [], [], []
     for p, lb, c in zip(record["points"], record["labels"], record["confidences"], strict=True):
-        keep = np.asarray(c, float) > threshold
-        points.append(np.asarray(p, float).reshape(-1, 2)[keep])
-        labels.append(np.asarray(lb, np.int64)[keep])
-        confidences.append(np.asarray(c, float)[keep])
+        kept = keep.kept(np.asarray(lb) == 1, np.asarray(c, float))
+        points.append(np.asarray(p, float).reshape(-1, 2)[kept])
+        labels.append(np.asarray(lb, np.int64)[kept])
+        confidences.append(np.asarray(c, float)[kept])
     return points, labels, confidences
 
 
 def rethreshold(predictions: str | Path, out_dir: str | Path, dataset_cfg: Any, segmenter: Any, threshold: float,
-                overlays: int = 0) -> dict[str, Any]:
+                overlays: int = 0, yes_threshold: float | None = None) -> dict[str, Any]:
     """A PQPP evaluation at another point-filter threshold (paper Table 6a) without the MLLM.
 
-    Keeps the answers more confident than ``threshold`` and segments again: exactly what
-    evaluating at ``threshold`` gives, provided ``predictions`` was evaluated at a threshold
-    no higher (``eval.pqpp.threshold=0`` keeps every answer).
+    Keeps the answers more confident than ``threshold`` (a ``Yes``: than ``yes_threshold``,
+    when given) and segments again: exactly what evaluating at these thresholds gives,
+    provided ``predictions`` was evaluated at thresholds no higher (``eval.pqpp.threshold=0``
+    keeps every answer).
     """
     header, records = read_shard(Path(predictions))
     if header.get("variant") != "pqpp" or "pqpp_threshold" not in header:
         raise ValueError(f"{predictions} is not a PQPP evaluation that records its point threshold "
                          f"(variant {header.get('variant')!r}); evaluate again with variant=pqpp")
-    if threshold < header["pqpp_threshold"]:
-        raise ValueError(f"{predictions} keeps only the answers more confident than {header['pqpp_threshold']}; "
-                         f"threshold {threshold} needs the ones it dropped: evaluate with "
-                         f"eval.pqpp.threshold={threshold} or lower (0 keeps every answer)")
-
-    return resegment({**header, "pqpp_threshold": threshold}, records, out_dir, dataset_cfg, segmenter,
-                     lambda r, sample: confident_answers(r, threshold), overlays)
+    keep = PQPPConfig(threshold=threshold, yes_threshold=yes_threshold)
+    no, yes = header["pqpp_threshold"], header.get("pqpp_yes_threshold", header["pqpp_threshold"])
+    if keep.threshold < no or keep.yes_bar < yes:
+        raise ValueError(f"{predictions} keeps only the answers more confident than {no} (No) / {yes} (Yes); "
+                         f"{keep.threshold} / {keep.yes_bar} needs the ones it dropped: evaluate with "
+                         f"eval.pqpp.threshold={min(keep.threshold, keep.yes_bar)} or lower (0 keeps every answer)")
+    return resegment({**header, **_thresholds(keep)}, records, out_dir, dataset_cfg, segmenter,
+                     lambda r, sample: confident_answers(r, keep), overlays)
 
 
 def threshold_sweep(cfg: Any, segmenter: Any = None) -> list[dict[str, Any]]:

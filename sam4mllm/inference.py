@@ -2,9 +2,10 @@
 
 * **PPG**: one generated turn gives a box and points per target.
 * **PQPP**: round 1 generates the box(es); round 2 samples points in each box (an NxN
-  grid by default, or N random points) and asks the MLLM about each. A point is kept
-  when the probability of the answer it gives (``Yes`` or ``No``) exceeds the threshold
-  (0.9); a box whose points all fail falls back to the box alone.
+  grid by default, N random points, or the reference code's fixed points) and asks the
+  MLLM about each. A point is kept when the probability of the answer it gives (``Yes``
+  or ``No``) exceeds the threshold (0.9; the reference code keeps ``Yes`` above 0.75); a
+  box whose points all fail falls back to the box alone.
 * **box-only**: round 1 alone, the box straight to the segmenter (a baseline).
 
 Fast PQPP encodes image + dialog prefix once and scores every point question of a box
@@ -47,16 +48,39 @@ class Prefix:
     truncated: bool = False  # the answer reached max_new_tokens without ending: its tail may be cut
 
 
+# The points the paper's public code asks about at inference, as percentages of the box's
+# width and height (it uses the first 15). Data, not a formula: fixed quasi-random positions.
+FIXED_POINTS = ((93, 70), (51, 89), (91, 90), (32, 32), (88, 10), (12, 28), (29, 52), (49, 49), (28, 12), (59, 60),
+                (9, 48), (52, 29), (31, 92), (68, 13), (73, 73), (69, 53), (48, 9), (19, 18), (71, 93), (53, 69),
+                (89, 50), (11, 88), (33, 72), (39, 41), (72, 33), (13, 68), (79, 82), (8, 8), (81, 22), (92, 30))
+
+
 @dataclass
 class PQPPConfig:
-    """Round-2 settings: ``sampling`` ``grid`` (``grid`` x ``grid``) or ``random`` (``n_random``)."""
+    """Round-2 settings.
+
+    ``sampling``: ``grid`` (``grid`` x ``grid`` cell centres), ``random`` (``n_random``
+    uniform points) or ``fixed`` (the first ``n_random`` of :data:`FIXED_POINTS`). An answer
+    is kept when its probability exceeds ``threshold``, or ``yes_threshold`` for a ``Yes``
+    when set (the reference code: ``No`` above 0.9, ``Yes`` above 0.75).
+    """
 
     sampling: str = "grid"
     grid: int = 5
     n_random: int = 25
     threshold: float = 0.9
+    yes_threshold: float | None = None
     mode: str = "per_point"     # per_point (paper) | joint (official code)
     fast: bool = True           # shared-prefix batched scoring (per_point only)
+
+    @property
+    def yes_bar(self) -> float:
+        """The probability a ``Yes`` must exceed to be kept."""
+        return self.threshold if self.yes_threshold is None else self.yes_threshold
+
+    def kept(self, inside: np.ndarray, conf: np.ndarray) -> np.ndarray:
+        """Which answers (``inside``: ``Yes``; ``conf``: the answer's probability) are kept."""
+        return conf > np.where(inside, self.yes_bar, self.threshold)
 
 
 @dataclass
@@ -86,7 +110,7 @@ class SegmentResult:
 
 
 def sample_points(box: np.ndarray, size: tuple[int, int], cfg: PQPPConfig, rng: np.random.Generator) -> np.ndarray:
-    """``(N, 2)`` integer pixel points in an ``XYXY`` box: grid cell centres or uniform random."""
+    """``(N, 2)`` integer pixel points in an ``XYXY`` box: grid cell centres, uniform random or fixed."""
     h, w = size
     x1, y1, x2, y2 = box
     if cfg.sampling == "grid":
@@ -95,8 +119,12 @@ def sample_points(box: np.ndarray, size: tuple[int, int], cfg: PQPPConfig, rng: 
         pts = np.stack([xs.ravel(), ys.ravel()], 1)
     elif cfg.sampling == "random":
         pts = np.stack([rng.uniform(x1, x2, cfg.n_random), rng.uniform(y1, y2, cfg.n_random)], 1)
+    elif cfg.sampling == "fixed":
+        if not 0 < cfg.n_random <= len(FIXED_POINTS):
+            raise ValueError(f"sampling=fixed has {len(FIXED_POINTS)} points; n_random={cfg.n_random}")
+        pts = np.asarray([x1, y1]) + np.asarray(FIXED_POINTS[: cfg.n_random]) / 100 * [x2 - x1, y2 - y1]
     else:
-        raise ValueError(f"unknown point sampling {cfg.sampling!r}: use grid or random")
+        raise ValueError(f"unknown point sampling {cfg.sampling!r}: use grid, random or fixed")
     return np.clip(np.floor(pts), 0, [w - 1, h - 1]).astype(np.int64)
 
 
@@ -354,7 +382,7 @@ class Sam4MLLM:
                     p_yes, p_no = self.score_points(prefix, qs, fast=self.pqpp.fast)
                 inside = p_yes > p_no
                 conf = np.where(inside, p_yes, p_no)
-                keep = conf > self.pqpp.threshold  # low-confidence points are dropped; none left -> box only
+                keep = self.pqpp.kept(inside, conf)  # low-confidence points are dropped; none left -> box only
                 points.append(pts_px[keep].astype(float))
                 labels.append(inside[keep].astype(np.int64))
                 confs.append(conf[keep])

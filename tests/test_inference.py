@@ -52,14 +52,21 @@ def test_fast_pqpp_equals_one_forward_per_point(workspace, family):
         assert np.all(fy + fn <= 1 + 1e-6) and fy.std() > 0  # real, point-dependent probabilities
 
 
-def test_sample_points_grid_and_random():
+def test_sample_points_grid_random_and_fixed():
     box = np.array([10.0, 20.0, 60.0, 70.0])
     grid = sample_points(box, (100, 100), PQPPConfig(grid=5), np.random.default_rng(0))
     assert grid.shape == (25, 2) and sorted(set(grid[:, 0].tolist())) == [15, 25, 35, 45, 55]
     rnd = sample_points(box, (100, 100), PQPPConfig(sampling="random", n_random=36), np.random.default_rng(0))
     assert rnd.shape == (36, 2) and (rnd >= [10, 20]).all() and (rnd < [60, 70]).all()
-    with pytest.raises(ValueError, match="sampling"):
-        sample_points(box, (100, 100), PQPPConfig(sampling="spiral"), np.random.default_rng(0))
+    # The reference code's points: percentages of the box, the same in every box whatever the seed.
+    fixed = [sample_points(box, (100, 100), PQPPConfig(sampling="fixed", n_random=15), np.random.default_rng(s))
+             for s in (0, 1)]
+    assert fixed[0].shape == (15, 2) and (fixed[0] == fixed[1]).all()
+    assert fixed[0][:3].tolist() == [[56, 55], [35, 64], [55, 65]]  # (93, 70), (51, 89), (91, 90) % of 50 x 50
+    for n, error in ((31, "30 points"), (3, "unknown point sampling 'spiral'")):
+        with pytest.raises(ValueError, match=error):
+            sample_points(box, (100, 100), PQPPConfig(sampling="fixed" if n == 31 else "spiral", n_random=n),
+                          np.random.default_rng(0))
 
 
 class Scripted(Sam4MLLM):
@@ -394,6 +401,38 @@ def test_rethresholding_an_evaluation_that_kept_every_answer_equals_evaluating_a
     evaluate(box_only, Scripted(adapter, "box_only", box))
     with pytest.raises(ValueError, match="not a PQPP evaluation"):
         rethreshold(tmp_path / "box_only" / "predictions.jsonl", tmp_path / "y", box_only.dataset, None, 0.9)
+
+
+def test_the_reference_codes_point_filter_keeps_no_above_0_9_and_yes_above_0_75(workspace, adapter, tmp_path):
+    """eval=official's thresholds: evaluated directly, and re-segmented from a pass that kept every answer."""
+    from sam4mllm.evaluate import rethreshold
+
+    box = "<|box_start|>(100,150),(600,700)<|box_end|>"
+    p_yes = np.linspace(0, 1, 25)
+    official = ["eval.pqpp.threshold=0.9", "eval.pqpp.yes_threshold=0.75"]
+    runs = {}
+    for name, extra in (("every", ["eval.pqpp.threshold=0"]), ("official", official)):
+        cfg = _eval_cfg(workspace, tmp_path / name, "dataset=synthetic_gres", *extra)
+        pqpp = PQPPConfig(**OmegaConf.to_container(cfg.eval.pqpp))
+        evaluate(cfg, Scripted(adapter, "pqpp", box, p_yes=lambda n: p_yes, pqpp=pqpp))
+        runs[name] = _records(cfg.out_dir)
+    # The reference code's rule, written out: "No" if P(No) > 0.9, else "Yes" if P(Yes) > 0.75.
+    no, yes = 1 - p_yes > 0.9, (1 - p_yes <= 0.9) & (p_yes > 0.75)
+    boxed = [(a, b) for a, b in zip(runs["every"], runs["official"], strict=True) if a.get("boxes")]
+    assert boxed and all(len(a["points"][0]) == 25 for a, _ in boxed)  # threshold 0 keeps every grid answer
+    for a, b in boxed:
+        assert b["points"][0] == np.asarray(a["points"][0])[no | yes].tolist()
+        assert b["labels"][0] == yes[no | yes].astype(int).tolist()
+    again = rethreshold(tmp_path / "every" / "predictions.jsonl", tmp_path / "re", cfg.dataset, GrabCutSegmenter(),
+                        0.9, yes_threshold=0.75)
+    for key in ("masks", "points", "labels", "confidences"):
+        assert [r.get(key) for r in _records(tmp_path / "re")] == [r.get(key) for r in runs["official"]], key
+    # Its file holds no "Yes" at or below 0.75: a Yes bar under that is refused, a stricter one is not.
+    with pytest.raises(ValueError, match="needs the ones it dropped"):
+        rethreshold(tmp_path / "official" / "predictions.jsonl", tmp_path / "x", cfg.dataset, GrabCutSegmenter(),
+                    0.9, yes_threshold=0.6)
+    assert rethreshold(tmp_path / "official" / "predictions.jsonl", tmp_path / "y", cfg.dataset, GrabCutSegmenter(),
+                       0.95)["points"] < again["points"]
 
 
 def _records(out_dir):
