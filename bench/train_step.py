@@ -5,7 +5,10 @@
 
 CPU: tokens/s and s/step of optimizer steps of the tiny model on PQPP dialogs of the
 synthetic benchmark (plain PyTorch, one process), the points round as one dialog and as
-branches (``pqpp_mode=branch``: the same examples in fewer tokens). GPU: batch 2 x length 2048, ZeRO-2, bf16, peak
+branches (``pqpp_mode=branch``: the same examples in fewer tokens), and with 3 sentences
+of one image packed into each dialog (``sentences_per_dialog=3``, as the official code
+packs up to 5: each image encoded once for them); sentences/s counts a VQA question as
+one sentence and is the mixture's mean sentences per dialog over s/step. GPU: batch 2 x length 2048, ZeRO-2, bf16, peak
 memory; random weights, since no checkpoint can be downloaded here.
 """
 
@@ -26,6 +29,7 @@ def cpu_tiny(steps: int = 8) -> None:
     from sam4mllm import CONFIG_DIR
     from sam4mllm.data.synthetic import SyntheticConfig, generate_synthetic
     from sam4mllm.labels import generate_labels
+    from sam4mllm.training.data import build_mixture
     from sam4mllm.training.trainer import train
 
     os.environ["WANDB_MODE"] = "disabled"
@@ -33,24 +37,28 @@ def cpu_tiny(steps: int = 8) -> None:
         d = Path(tmp)
         generate_synthetic(d / "data/synthetic", SyntheticConfig(images={"train": 40}, reason_images={}))
         base = [f"paths.data_dir={d / 'data'}", f"paths.output_dir={d / 'out'}"]
-        print("| tiny Qwen2-VL, CPU | PQPP points round | micro-batch x accum | steps | tokens/s | s/step | "
-              "peak RSS (MB) |")
-        print("|---|---|---|---|---|---|---|")
+        print("| tiny Qwen2-VL, CPU | PQPP points round | sentences per dialog | micro-batch x accum | steps | "
+              "tokens/s | s/step | sentences/s | peak RSS (MB) |")
+        print("|---|---|---|---|---|---|---|---|---|")
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             for ds in ("synthetic", "synthetic_gres"):
                 generate_labels(compose(config_name="gen_labels", overrides=[
                     *base, "+exp=pqpp", f"dataset={ds}", "progress=false"]))
             # the same examples (10 points per box) every row: branches train them in fewer tokens
-            for mode, points in (("lora", "per_point"), ("full", "per_point"), ("full", "branch")):
+            for mode, points, packed in (("lora", "per_point", 1), ("lora", "per_point", 3), ("full", "per_point", 1),
+                                         ("full", "branch", 1)):
                 cfg = compose(config_name="train", overrides=[
-                    *base, "+exp=pqpp", "deepspeed=none", f"run_dir={d / mode / points}", "progress=false",
-                    "save_final=false", f"train.finetune={mode}", f"pqpp_mode={points}", "train.micro_batch_size=4",
-                    "train.grad_accum=2", f"train.max_steps={steps}", "train.save_every=0"])
+                    *base, "+exp=pqpp", "deepspeed=none", f"run_dir={d / mode / points / str(packed)}",
+                    "progress=false", "save_final=false", f"train.finetune={mode}", f"pqpp_mode={points}",
+                    f"sentences_per_dialog={packed}", "train.micro_batch_size=4", "train.grad_accum=2",
+                    f"train.max_steps={steps}", "train.save_every=0"])
                 hist = train(cfg)[1:]  # the first step includes warm-up work
                 tok_s = sum(h["tokens_per_s"] for h in hist) / len(hist)
                 step_s = sum(h["step_s"] for h in hist) / len(hist)
-                print(f"| {mode} | {points} | 4 x 2 | {len(hist)} | {tok_s:,.0f} | {step_s:.3f} | "
-                      f"{hist[-1]['peak_mem_mb']:,.0f} |")
+                mix = build_mixture(cfg.data.sources, None, "pqpp", points, sentences_per_dialog=packed)
+                per_dialog = sum(1 + len(mix.sources[n][0][j].more) for n, j in mix.items) / len(mix)
+                print(f"| {mode} | {points} | {per_dialog:.2f} | 4 x 2 | {len(hist)} | {tok_s:,.0f} | {step_s:.3f} | "
+                      f"{8 * per_dialog / step_s:,.1f} | {hist[-1]['peak_mem_mb']:,.0f} |")
 
 
 def gpu_7b_lora_step(seq_len: int = 2048, batch: int = 2) -> dict[str, float]:

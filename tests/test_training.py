@@ -140,6 +140,43 @@ def test_branch_mode_trains_every_labelled_point_as_its_own_branch(workspace):
         assert len(branches) == n_points[(str(ex.image_path), ex.expression)] > 1
 
 
+def test_sentences_packed_into_one_dialog_train_as_their_dialogs_back_to_back_with_the_image_once(workspace):
+    import dataclasses
+
+    from sam4mllm.data.base import load_image
+    from sam4mllm.training.data import MixtureDataset, build_mixture, label_examples
+
+    cfg = workspace("train", "model=tiny_qwen2vl", "+exp=pqpp")
+    single = label_examples(cfg.data.sources.refcoco.path, "pqpp")
+    packed = label_examples(cfg.data.sources.refcoco.path, "pqpp", sentences_per_dialog=2)
+    # The same sentences in the same order, each group about one image.
+    assert [(e.image_path, e.expression) for p in packed for e in (p, *p.more)] == [
+        (e.image_path, e.expression) for e in single]
+    assert all(len(p.more) <= 1 and {m.image_path for m in p.more} <= {p.image_path} for p in packed)
+    assert len(single) > len(packed) > len(single) / 2
+    a = instantiate(cfg.model)
+    one, two = (MixtureDataset({"l": (ex, 1.0)}, a, "pqpp") for ex in (single, packed))
+    assert one.fingerprint() != two.fingerprint()  # a resume with other packing is refused
+    ex = next(p for p in packed if p.more)
+    image = load_image(ex.image_path)
+    both = two.encode(ex, image)
+    alone = [one.encode(e, image) for e in (dataclasses.replace(ex, more=()), *ex.more)]
+
+    def supervised(enc):
+        return a.tokenizer.decode(enc.inputs["input_ids"][0][enc.labels[0] != IGNORE_INDEX])
+
+    def image_tokens(enc):
+        return int((enc.inputs["input_ids"][0] == a.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())
+
+    assert supervised(both) == supervised(alone[0]) + supervised(alone[1]) and both.dropped_turns == 0
+    assert image_tokens(both) == image_tokens(alone[0]) > 0 and both.length < alone[0].length + alone[1].length
+    torch.testing.assert_close(both.inputs["pixel_values"], alone[0].inputs["pixel_values"])
+    with pytest.raises(ValueError, match="does not pack sentences"):
+        build_mixture(cfg.data.sources, a, "pqpp", "branch", sentences_per_dialog=2)
+    with pytest.raises(ValueError, match="sentences_per_dialog=0"):
+        label_examples(cfg.data.sources.refcoco.path, "pqpp", sentences_per_dialog=0)
+
+
 def test_a_dialog_too_long_to_train_is_replaced_by_the_next_that_fits(workspace, synthetic):
     from sam4mllm.training.data import Example, MixtureDataset
 

@@ -5,6 +5,7 @@ No augmentation: flips and crops would change "left"/"right" (paper §3.3).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -36,10 +37,14 @@ class Example:
     task: str = "res"
     targets: list[dict[str, Any]] | None = None
     answer: str | None = None
+    more: tuple[Example, ...] = ()  # further sentences about the same image, asked after this one
 
 
-def label_examples(path: str | Path, variant: str, source: str = "<source>") -> list[Example]:
-    """One example per sentence of a merged ``labels.jsonl`` (its header must match ``variant``).
+def label_examples(path: str | Path, variant: str, source: str = "<source>",
+                   sentences_per_dialog: int = 1) -> list[Example]:
+    """One example per sentence of a merged ``labels.jsonl`` (its header must match ``variant``),
+    or per ``sentences_per_dialog`` consecutive sentences of one image packed into one
+    conversation (the official code packs up to 5: the image is encoded once for all).
 
     A missing file raises an error naming the label job that writes it (the dataset and
     split read from gen_labels' layout ``.../<variant>/<dataset>/<split>/labels.jsonl``)
@@ -57,11 +62,22 @@ def label_examples(path: str | Path, variant: str, source: str = "<source>") -> 
     header, records = read_shard(path)
     if header.get("variant") != variant:
         raise ValueError(f"{path} holds {header.get('variant')} labels but this run trains {variant}")
+    if sentences_per_dialog < 1:
+        raise ValueError(f"sentences_per_dialog={sentences_per_dialog}: use 1 (one sentence per dialog) or more")
     out = []
     for r in records:
-        for s in r["samples"]:
-            out.append(Example(Path(r["image_path"]), "seg", s["expression"], s["task"], s["targets"]))
+        sentences = [Example(Path(r["image_path"]), "seg", s["expression"], s["task"], s["targets"])
+                     for s in r["samples"]]
+        for k in range(0, len(sentences), sentences_per_dialog):
+            first, *more = sentences[k:k + sentences_per_dialog]
+            out.append(dataclasses.replace(first, more=tuple(more)))
     return out
+
+
+def _fingerprint_row(e: Example) -> list[Any]:
+    row = [str(e.image_path), e.kind, e.expression, e.task, e.targets, e.answer]
+    # Packed sentences only extend the row, so unpacked runs keep the fingerprints they resume from.
+    return [*row, [_fingerprint_row(m) for m in e.more]] if e.more else row
 
 
 def vqa_examples(dataset: Any) -> list[Example]:
@@ -108,22 +124,25 @@ class MixtureDataset(torch.utils.data.Dataset):
         """
         out = {}
         for name, (examples, ratio) in sorted(self.sources.items()):
-            rows = [[str(e.image_path), e.kind, e.expression, e.task, e.targets, e.answer] for e in examples]
+            rows = [_fingerprint_row(e) for e in examples]
             out[name] = hashlib.sha256(json.dumps([ratio, rows]).encode()).hexdigest()[:16]
         return out
 
     def encode(self, ex: Example, image: np.ndarray) -> Encoded:
-        """One example's training dialog, encoded (PQPP ``branch``: round 2 as branches after round 1)."""
+        """One example's training dialog, encoded (PQPP ``branch``: round 2 as branches after round 1).
+
+        Packed sentences (``ex.more``) follow the first one's turns in the same conversation."""
         if ex.kind == "vqa":
             return self.adapter.encode(vqa_dialog(ex.expression, ex.answer or ""), image)
-        targets = self.adapter.to_model_targets(ex.targets or [], image.shape[:2])
-        fmt = self.adapter.fmt
-        if self.variant == "ppg":
-            return self.adapter.encode(ppg_dialog(ex.expression, targets, ex.task, fmt), image)
-        dialog = pqpp_dialog(ex.expression, targets, ex.task, fmt, self.pqpp_mode)
-        if self.pqpp_mode == "branch":
-            return self.adapter.encode_branched(Dialog(dialog.turns[:1]), point_turns(targets, fmt), image)
-        return self.adapter.encode(dialog, image)
+        fmt, turns = self.adapter.fmt, []
+        for e in (ex, *ex.more):
+            targets = self.adapter.to_model_targets(e.targets or [], image.shape[:2])
+            dialog = (ppg_dialog(e.expression, targets, e.task, fmt) if self.variant == "ppg"
+                      else pqpp_dialog(e.expression, targets, e.task, fmt, self.pqpp_mode))
+            turns += dialog.turns
+        if self.variant == "pqpp" and self.pqpp_mode == "branch":  # one sentence (build_mixture refuses packing)
+            return self.adapter.encode_branched(Dialog(turns[:1]), point_turns(targets, fmt), image)
+        return self.adapter.encode(Dialog(turns), image)
 
     def __getitem__(self, i: int) -> Encoded:
         """Draw ``i``, encoded. A draw that cannot be trained on, because its first turn alone
@@ -162,14 +181,18 @@ class MixtureDataset(torch.utils.data.Dataset):
 
 
 def build_mixture(sources: Any, adapter: Adapter, variant: str, pqpp_mode: str = "per_point",
-                  seed: int = 0) -> MixtureDataset:
+                  seed: int = 0, sentences_per_dialog: int = 1) -> MixtureDataset:
     """The training mixture of a ``data.sources`` config. A source switched off (ratio 0)
-    draws nothing, so it is not loaded and its files need not exist."""
+    draws nothing, so it is not loaded and its files need not exist. ``sentences_per_dialog``
+    packs that many sentences of one image into each labels example (VQA stays one per dialog)."""
+    if sentences_per_dialog > 1 and variant == "pqpp" and pqpp_mode == "branch":
+        raise ValueError("pqpp_mode=branch trains one sentence's points as branches of its dialog; it does not "
+                         "pack sentences (sentences_per_dialog=1), use per_point or joint to pack them")
     loaded = {}
     for name, src in sources.items():
         if float(src.ratio) == 0:
             continue
-        examples = (label_examples(src.path, variant, name) if src.kind == "labels"
+        examples = (label_examples(src.path, variant, name, sentences_per_dialog) if src.kind == "labels"
                     else vqa_examples(build_dataset(src.dataset, src.dataset.split)))
         loaded[name] = (examples, float(src.ratio))
     return MixtureDataset(loaded, adapter, variant, pqpp_mode, seed)

@@ -193,7 +193,7 @@ class Trainer:
         self._seed(self.t.seed)
         self.counts = apply_finetuning(self.adapter, self.t)
         self.data = build_mixture(self.cfg.data.sources, self.adapter, self.cfg.variant, self.cfg.pqpp_mode,
-                                  self.t.seed)
+                                  self.t.seed, self.cfg.sentences_per_dialog)
         if len(self.data) == 0:  # else a max_steps run would wait forever for its first batch
             sizes = {name: len(examples) for name, (examples, _) in self.data.sources.items()}
             raise ValueError(f"the training mixture draws no example (examples per source switched on: {sizes}); "
