@@ -12,5 +12,7 @@ if __name__ == "__main__":
     ap.add_argument("adapter_dir", help="run_dir/final written by scripts/train.py")
     ap.add_argument("out_dir", help="where the merged model folder goes")
     ap.add_argument("--base", default=None, help="base model folder (default: the one used for training)")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="run the model folder's own code (Qwen-VL-Chat needs it); only for a folder you trust")
     args = ap.parse_args()
-    print(f"merged model saved to {merge_adapter(args.adapter_dir, args.out_dir, args.base)}")
+    print(f"merged model saved to {merge_adapter(args.adapter_dir, args.out_dir, args.base, args.trust_remote_code)}")

@@ -430,6 +430,12 @@ def test_final_adapter_and_merge(workspace, tmp_path):
     for call in (lambda: merge_adapter(tmp_path / "run", tmp_path / "m2"), lambda: load_finetuned(a, tmp_path / "run")):
         with pytest.raises(FileNotFoundError, match=r"run_dir/final\): train first"):
             call()
+    # Qwen-VL-Chat exists only as remote code: merging its run needs the user's say-so, asked before loading.
+    (tmp_path / "qwenvl").mkdir()
+    (tmp_path / "qwenvl" / "sam4mllm.json").write_text(json.dumps({"family": "qwenvl", "finetune": "lora",
+                                                                    "base": str(tmp_path / "no-such-base")}))
+    with pytest.raises(ValueError, match=r"qwenvl runs remote code .* merge with --trust-remote-code"):
+        merge_adapter(tmp_path / "qwenvl", tmp_path / "m3")
     # Evaluating with another image size than training is refused, not run on inputs it never saw.
     small = instantiate(workspace("train", "+exp=pqpp", "++model.max_pixels=3136").model)
     with pytest.raises(ValueError, match=r"longest_edge': 12544.*longest_edge': 3136.*model.max_pixels"):

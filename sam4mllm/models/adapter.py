@@ -38,6 +38,8 @@ class FamilySpec:
     lora_regex: str                 # LLM linear layers that get LoRA
     trainable: tuple[str, ...]      # projector / resampler modules trained in full
     trust_remote_code: bool = False
+    auto_model: str = "AutoModelForImageTextToText"  # the transformers Auto classes its checkpoints load with
+    auto_processor: str = "AutoProcessor"
 
 
 FAMILIES: dict[str, FamilySpec] = {
@@ -51,7 +53,8 @@ FAMILIES: dict[str, FamilySpec] = {
     # Qwen-VL-Chat v1 (the paper's backbone) exists only as remote code in its model folder.
     "qwenvl": FamilySpec("qwenvl", "grid", "<|im_start|>assistant\n", "<|im_end|>",
                          r"transformer\.h\.\d+\.(attn\.(c_attn|c_proj)|mlp\.(w1|w2|c_proj))",
-                         ("transformer.visual.attn_pool",), trust_remote_code=True),
+                         ("transformer.visual.attn_pool",), trust_remote_code=True,
+                         auto_model="AutoModelForCausalLM", auto_processor="AutoTokenizer"),
 }
 DYNAMIC_RESOLUTION = frozenset({"qwen2vl", "qwen2_5vl", "qwen3vl"})  # image processors sized by pixel area
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -134,13 +137,12 @@ class Adapter:
 
     # ----------------------------------------------------------------- loading
     def _load(self, dtype: str, device: torch.device, trust_remote_code: bool, attn: str | None) -> tuple[Any, Any]:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
+        model_cls, processor_cls = auto_classes(self.family)
         kw: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
         model_kw = {**kw, "dtype": DTYPES[dtype]}
         if attn:
             model_kw["attn_implementation"] = attn
-        processor = AutoProcessor.from_pretrained(self.path, **kw)
+        processor = processor_cls.from_pretrained(self.path, **kw)
         if self.max_pixels is not None:
             # Set on the loaded processor's `size`, the one rule its resize and coord_system both read
             # (a `size` passed to from_pretrained loses to the top-level max_pixels of released folders).
@@ -149,7 +151,7 @@ class Adapter:
                 raise ValueError(f"model.max_pixels={self.max_pixels} is below the processor's minimum "
                                  f"{ip.size['shortest_edge']} pixels")
             ip.size = replace(ip.size, longest_edge=self.max_pixels)
-        model = AutoModelForImageTextToText.from_pretrained(self.path, **model_kw).to(device)
+        model = model_cls.from_pretrained(self.path, **model_kw).to(device)
         return processor, model
 
     def _single_token(self, text: str) -> int:
@@ -336,11 +338,10 @@ class QwenVLChatAdapter(Adapter):
     IMAGE_PLACEHOLDER = "<|sam4mllm_image|>"
 
     def _load(self, dtype: str, device: torch.device, trust_remote_code: bool, attn: str | None) -> tuple[Any, Any]:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
+        model_cls, tokenizer_cls = auto_classes(self.family)
         kw: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
-        tok = AutoTokenizer.from_pretrained(self.path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=DTYPES[dtype], **kw).to(device)
+        tok = tokenizer_cls.from_pretrained(self.path, **kw)
+        model = model_cls.from_pretrained(self.path, dtype=DTYPES[dtype], **kw).to(device)
         self._image_dir = Path(self.path) / ".sam4mllm_images"
         return tok, model
 
@@ -364,6 +365,15 @@ class QwenVLChatAdapter(Adapter):
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image).save(path)
         return dict(self.tokenizer(text.replace(self.IMAGE_PLACEHOLDER, f"<img>{path}</img>"), return_tensors="pt"))
+
+
+def auto_classes(family: str) -> tuple[Any, Any]:
+    """The transformers Auto classes that load a family's model and processor (Qwen-VL-Chat: causal LM
+    and tokenizer)."""
+    import transformers
+
+    spec = FAMILIES[family]
+    return getattr(transformers, spec.auto_model), getattr(transformers, spec.auto_processor)
 
 
 def build_adapter(family: str, path: str, tiny: dict[str, Any] | None = None, **kwargs: Any) -> Adapter:

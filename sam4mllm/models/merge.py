@@ -18,22 +18,32 @@ def _run_info(final_dir: Path, hint: str = "") -> dict:
     return json.loads(path.read_text())
 
 
-def merge_adapter(final_dir: str | Path, out_dir: str | Path, base: str | Path | None = None) -> Path:
-    """Load ``base`` (default: the base recorded at training) + the adapter in ``final_dir``; merge and save."""
+def merge_adapter(final_dir: str | Path, out_dir: str | Path, base: str | Path | None = None,
+                  trust_remote_code: bool = False) -> Path:
+    """Load ``base`` (default: the base recorded at training) + the adapter in ``final_dir``; merge and save.
+
+    A family that exists only as remote code (Qwen-VL-Chat) needs ``trust_remote_code``.
+    """
     from peft import PeftModel
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from sam4mllm.models.adapter import FAMILIES, auto_classes
 
     final_dir, out_dir = Path(final_dir), Path(out_dir)
     info = _run_info(final_dir)
     if info["finetune"] != "lora":
         raise ValueError(f"{final_dir} holds a full fine-tune ({info['finetune']}); there is nothing to merge")
     base = Path(base or info["base"])
-    model = AutoModelForImageTextToText.from_pretrained(base, local_files_only=True)
+    if FAMILIES[info["family"]].trust_remote_code and not trust_remote_code:
+        raise ValueError(f"{info['family']} runs remote code from {base}; merge with --trust-remote-code, "
+                         "only for a folder you trust")
+    kw = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    model_cls, processor_cls = auto_classes(info["family"])
+    model = model_cls.from_pretrained(base, **kw)
     merged = PeftModel.from_pretrained(model, final_dir).merge_and_unload()
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
-    AutoProcessor.from_pretrained(final_dir, local_files_only=True).save_pretrained(tmp)
+    processor_cls.from_pretrained(final_dir, **kw).save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
@@ -46,7 +56,6 @@ def _pixels(size: Any) -> dict[str, int]:
 def load_finetuned(adapter: object, checkpoint: str | Path) -> None:
     """Put the weights trained by ``scripts/train.py`` (``run_dir/final``) into ``adapter.model``."""
     from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
 
     checkpoint = Path(checkpoint)
     info = _run_info(checkpoint, "; or set checkpoint=null to evaluate the untrained backbone")
@@ -62,7 +71,7 @@ def load_finetuned(adapter: object, checkpoint: str | Path) -> None:
                              f"resizes to {_pixels(here.size)}; set model.max_pixels as in training")
     if info["finetune"] == "lora":
         adapter.model = PeftModel.from_pretrained(adapter.model, checkpoint).merge_and_unload()  # type: ignore[attr-defined]
-    else:
-        dtype = adapter.model.dtype  # type: ignore[attr-defined]
-        adapter.model = AutoModelForImageTextToText.from_pretrained(checkpoint, local_files_only=True, dtype=dtype)  # type: ignore[attr-defined]
+    else:  # the class the backbone was loaded with (a remote-code class too, already trusted by the adapter)
+        model = adapter.model  # type: ignore[attr-defined]
+        adapter.model = type(model).from_pretrained(checkpoint, local_files_only=True, dtype=model.dtype)  # type: ignore[attr-defined]
     adapter.model.eval()  # type: ignore[attr-defined]
