@@ -41,7 +41,7 @@ from omegaconf import OmegaConf
 from sam4mllm.config import build
 from sam4mllm.data import build_dataset
 from sam4mllm.demo import VIEWS, compose_config
-from sam4mllm.evaluate import MERGED, Prompts, confident_answers, predicted_mask, resegment
+from sam4mllm.evaluate import MERGED, Prompts, confident_answers, pqpp_config, predicted_mask, resegment
 from sam4mllm.inference import PQPPConfig, sample_points
 from sam4mllm.metrics import SegmentationMeter
 from sam4mllm.report import markdown_table
@@ -137,7 +137,7 @@ def main() -> None:
     runs = [(*read_shard(f), compose_config("eval", [*paths, f"dataset={view}"]).dataset)
             for f, view in zip(files, VIEWS.values(), strict=True)]
     eval_cfg = compose_config("eval", paths)
-    grid = PQPPConfig(**OmegaConf.to_container(eval_cfg.eval.pqpp, resolve=True))
+    grid = pqpp_config(eval_cfg)
     seg = build(eval_cfg.sam)  # the segmenter the demo evaluates with
 
     rows = []

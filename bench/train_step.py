@@ -56,9 +56,10 @@ def cpu_tiny(steps: int = 8) -> None:
                 tok_s = sum(h["tokens_per_s"] for h in hist) / len(hist)
                 step_s = sum(h["step_s"] for h in hist) / len(hist)
                 mix = build_mixture(cfg.data.sources, None, "pqpp", points, sentences_per_dialog=packed)
+                dialogs = cfg.train.micro_batch_size * cfg.train.grad_accum  # per optimizer step
                 per_dialog = sum(1 + len(mix.sources[n][0][j].more) for n, j in mix.items) / len(mix)
                 print(f"| {mode} | {points} | {per_dialog:.2f} | 4 x 2 | {len(hist)} | {tok_s:,.0f} | {step_s:.3f} | "
-                      f"{8 * per_dialog / step_s:,.1f} | {hist[-1]['peak_mem_mb']:,.0f} |")
+                      f"{dialogs * per_dialog / step_s:,.1f} | {hist[-1]['peak_mem_mb']:,.0f} |")
 
 
 def gpu_7b_lora_step(seq_len: int = 2048, batch: int = 2) -> dict[str, float]:

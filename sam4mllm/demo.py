@@ -34,7 +34,7 @@ from sam4mllm import CONFIG_DIR
 from sam4mllm.config import build
 from sam4mllm.data import build_dataset
 from sam4mllm.data.synthetic import generate_synthetic
-from sam4mllm.evaluate import MERGED, evaluate, resegment, rethreshold
+from sam4mllm.evaluate import MERGED, evaluate, pqpp_config, resegment, rethreshold
 from sam4mllm.inference import PQPPConfig, SegmentResult, sample_points, segment_targets
 from sam4mllm.labels import generate_labels, pixels_in_box
 from sam4mllm.metrics import SegmentationMeter
@@ -295,7 +295,7 @@ def run_demo(cfg: Any) -> list[list[Any]]:
     views = list(zip(VIEWS.values(), datasets, strict=True))
     every = [out / "eval" / "pqpp_all" / view / MERGED for view in VIEWS.values()]
 
-    grid = PQPPConfig(**OmegaConf.to_container(eval_cfg.eval.pqpp, resolve=True))  # the points PQPP asked about
+    grid = pqpp_config(eval_cfg)  # the points PQPP asked about
     derived = {name: [from_pqpp_boxes(p.parent, out / "eval" / folder / view, d, segmenter, cfg.overlays, points)
                       for p, (view, d) in zip(every, views, strict=True)]
                for name, folder, points in [("box-only (PQPP model, round 1)", "box_only", None),

@@ -56,10 +56,11 @@ def build_predictor(cfg: Any) -> Any:
     adapter = build(cfg.model)
     if cfg.checkpoint:
         load_finetuned(adapter, cfg.checkpoint)
-    return Sam4MLLM(adapter, build(cfg.sam), cfg.variant, _pqpp(cfg), cfg.eval.max_new_tokens, cfg.seed)
+    return Sam4MLLM(adapter, build(cfg.sam), cfg.variant, pqpp_config(cfg), cfg.eval.max_new_tokens, cfg.seed)
 
 
-def _pqpp(cfg: Any) -> PQPPConfig:
+def pqpp_config(cfg: Any) -> PQPPConfig:
+    """An evaluation config's round-2 settings (``cfg.eval.pqpp``)."""
     return PQPPConfig(**OmegaConf.to_container(cfg.eval.pqpp, resolve=True))
 
 
@@ -83,7 +84,7 @@ def _header(cfg: Any, split: str, data: str) -> dict[str, Any]:
                 "eval": OmegaConf.to_container(cfg.eval, resolve=True), "seed": cfg.seed}
     digest = hashlib.sha256(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:16]
     # PQPP records keep only the answers above the thresholds: rethreshold() must know them.
-    threshold = _thresholds(_pqpp(cfg)) if cfg.variant == "pqpp" else {}
+    threshold = _thresholds(pqpp_config(cfg)) if cfg.variant == "pqpp" else {}
     return {"format": PRED_FORMAT, "version": PRED_VERSION, "config_hash": digest, "variant": cfg.variant,
             "dataset": cfg.dataset.name, "split": split, "task": cfg.dataset.task, **threshold}
 
@@ -114,7 +115,7 @@ def evaluate(cfg: Any, predictor: Any = None) -> dict[str, Any] | None:
     Returns the metrics (or ``None`` while other shards still run).
     """
     sweep = cfg.eval.get("rethreshold") or []
-    pqpp = _pqpp(cfg)
+    pqpp = pqpp_config(cfg)
     floor = max(pqpp.threshold, pqpp.yes_bar)  # every answer above it is in the predictions
     if sweep and (cfg.variant != "pqpp" or min(sweep) < floor):  # before hours of evaluating
         raise ValueError(f"eval.rethreshold={list(sweep)} re-segments PQPP's answers: it needs variant=pqpp and "

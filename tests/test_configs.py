@@ -85,11 +85,11 @@ def test_every_eval_preset_is_a_points_round_the_predictor_accepts():
     """A misspelt key under eval.pqpp composes fine in Hydra; the predictor's settings would refuse it."""
     import numpy as np
 
-    from sam4mllm.inference import PQPPConfig, sample_points
+    from sam4mllm.evaluate import pqpp_config
+    from sam4mllm.inference import sample_points
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         for _, name in (o for o in GROUP_OPTIONS if o[0] == "eval"):
-            pqpp = PQPPConfig(**OmegaConf.to_container(compose(config_name="eval", overrides=[f"eval={name}"])
-                                                       .eval.pqpp, resolve=True))
+            pqpp = pqpp_config(compose(config_name="eval", overrides=[f"eval={name}"]))
             pts = sample_points(np.array([0, 0, 99, 99]), (100, 100), pqpp, np.random.default_rng(0))
             assert len(pts) == (pqpp.grid**2 if pqpp.sampling == "grid" else pqpp.n_random), name

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from PIL import Image
 
 from sam4mllm.codec import Point, TargetPrompt
@@ -295,6 +294,7 @@ def test_evaluator_resumes_and_shards_merge_to_the_single_process_result(workspa
 
 def test_pqpp_boxes_resegmented_equal_box_only_and_gain_from_gt_point_answers(workspace, adapter, tmp_path):
     from sam4mllm.demo import from_pqpp_boxes
+    from sam4mllm.evaluate import pqpp_config
 
     answers = ["<|box_start|>(100,150),(600,700)<|box_end|>", "<|box_start|>(300,200),(900,800)<|box_end|>",
                "No object found.", "a box, I think"]
@@ -319,7 +319,7 @@ def test_pqpp_boxes_resegmented_equal_box_only_and_gain_from_gt_point_answers(wo
     assert 0 < derived["invalid_rate"] < 1 and derived["N-acc"] > 0 and derived["gIoU"] > 0
 
     # The same boxes with round 2's grid answered by the GT masks: a perfect points round.
-    grid = PQPPConfig(**OmegaConf.to_container(cfg.eval.pqpp))
+    grid = pqpp_config(cfg)
     oracle = from_pqpp_boxes(tmp_path / "pqpp", tmp_path / "oracle", cfg.dataset, GrabCutSegmenter(), 0, grid)
     ds = build_dataset(cfg.dataset, "val")
     for r in [json.loads(x) for x in (tmp_path / "oracle" / "predictions.jsonl").read_text().splitlines()[1:]]:
@@ -405,7 +405,7 @@ def test_rethresholding_an_evaluation_that_kept_every_answer_equals_evaluating_a
 
 def test_the_reference_codes_point_filter_keeps_no_above_0_9_and_yes_above_0_75(workspace, adapter, tmp_path):
     """eval=official's thresholds: evaluated directly, and re-segmented from a pass that kept every answer."""
-    from sam4mllm.evaluate import rethreshold
+    from sam4mllm.evaluate import pqpp_config, rethreshold
 
     box = "<|box_start|>(100,150),(600,700)<|box_end|>"
     p_yes = np.linspace(0, 1, 25)
@@ -413,7 +413,7 @@ def test_the_reference_codes_point_filter_keeps_no_above_0_9_and_yes_above_0_75(
     runs = {}
     for name, extra in (("every", ["eval.pqpp.threshold=0"]), ("official", official)):
         cfg = _eval_cfg(workspace, tmp_path / name, "dataset=synthetic_gres", *extra)
-        pqpp = PQPPConfig(**OmegaConf.to_container(cfg.eval.pqpp))
+        pqpp = pqpp_config(cfg)
         evaluate(cfg, Scripted(adapter, "pqpp", box, p_yes=lambda n: p_yes, pqpp=pqpp))
         runs[name] = _records(cfg.out_dir)
     # The reference code's rule, written out: "No" if P(No) > 0.9, else "Yes" if P(Yes) > 0.75.
