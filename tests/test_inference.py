@@ -394,6 +394,16 @@ def test_rethresholding_an_evaluation_that_kept_every_answer_equals_evaluating_a
     # A file that dropped answers cannot give a lower threshold; a box-only file has none to filter.
     with pytest.raises(ValueError, match=r"eval.pqpp.threshold=0.6 or lower"):
         rethreshold(out / "predictions.jsonl", tmp_path / "x", cfg.dataset, GrabCutSegmenter(), 0.6)
+    # A file written before predictions recorded a separate "Yes" bar is read as symmetric (0.8 for both).
+    lines = (tmp_path / "pqpp-qwen2vl" / "refcocog-val" / "direct" / "predictions.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    assert first["header"].pop("pqpp_yes_threshold") == 0.8
+    old = tmp_path / "old.jsonl"
+    old.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"0.8 \(No\) / 0.8 \(Yes\)"):
+        rethreshold(old, tmp_path / "o1", cfg.dataset, GrabCutSegmenter(), 0.8, yes_threshold=0.7)
+    stricter = rethreshold(old, tmp_path / "o2", cfg.dataset, GrabCutSegmenter(), 0.8, yes_threshold=0.9)
+    assert 0 < stricter["points"] < runs["direct"]["points"]
     for bad in (["variant=box_only"], ["eval.pqpp.threshold=0.9"]):  # refused before anything is evaluated
         with pytest.raises(ValueError, match=r"eval\.rethreshold=\[0\.8\] re-segments"):
             evaluate(_eval_cfg(workspace, tmp_path / "bad", "eval.rethreshold=[0.8]", *bad), None)
