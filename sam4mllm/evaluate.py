@@ -183,7 +183,8 @@ def rescore(predictions: str | Path, dataset_cfg: Any) -> dict[str, Any]:
         vqa = VQAMeter()
         for r in records:
             vqa.update(r.get("answer", ""), ds.records[int(r["key"])]["answers"])
-        return {**out, **vqa.compute()}
+        out.update(vqa.compute())
+        return _compare_official(out, dataset_cfg)
     meter = SegmentationMeter()
     times, points, right = [], 0, 0
     for r in records:
@@ -199,9 +200,21 @@ def rescore(predictions: str | Path, dataset_cfg: Any) -> dict[str, Any]:
                 points += len(xy)
                 right += int((gt[xy[:, 1], xy[:, 0]] == np.asarray(labels, bool)).sum())
     out.update(meter.compute())
+    _compare_official(out, dataset_cfg)
     out["seconds_per_sample"] = float(np.mean(times)) if times else None
     out["points"], out["points_right"] = points, right / points if points else None
     return out
+
+
+def _compare_official(metrics: dict[str, Any], dataset_cfg: Any) -> dict[str, Any]:
+    """Record the split's official sample count as ``official_n`` and warn when fewer or more were scored:
+    a figure over part of a split (images missing or unreadable, a subset) is not the published protocol."""
+    official = (dataset_cfg.get("official_counts") or {}).get(metrics["split"])
+    metrics["official_n"] = official
+    if official is not None and metrics["n"] != official:
+        log.warning("%s/%s: %d samples scored, the official split has %d: these figures are not comparable with "
+                    "published ones", metrics["dataset"], metrics["split"], metrics["n"], official)
+    return metrics
 
 
 Prompts = tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]

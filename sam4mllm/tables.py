@@ -48,17 +48,17 @@ def collect(eval_root: str | Path) -> dict[tuple[str, str, str, str], dict[str, 
     return out
 
 
-def _cell(ours: Any, paper: float | None, percent: bool = True) -> str:
-    a = "-" if ours is None else f"{100 * ours:.1f}" if percent else f"{ours:.1f}"
+def _cell(metrics: dict[str, Any], metric: str, paper: float | None) -> str:
+    ours = metrics.get(metric)
+    a = "-" if ours is None else f"{100 * ours:.1f}" if metric != "accuracy" else f"{ours:.1f}"
+    if ours is not None and metrics.get("official_n") not in (None, metrics.get("n")):
+        a += f"* (n={metrics['n']} of {metrics['official_n']})"
     return f"{a} / {'-' if paper is None else paper}"
 
 
 def _row(results: dict, run: str, variant: str, cols: list[tuple[str, str, str]]) -> list[str]:
-    cells = []
-    for ds, split, metric in cols:
-        m = results.get((run, ds, split, "default"), {})
-        cells.append(_cell(m.get(metric), PAPER.get(variant, {}).get((ds, split, metric)), metric != "accuracy"))
-    return cells
+    return [_cell(results.get((run, ds, split, "default"), {}), metric, PAPER.get(variant, {}).get((ds, split, metric)))
+            for ds, split, metric in cols]
 
 
 def render_tables(eval_root: str | Path) -> str:
@@ -74,7 +74,8 @@ def render_tables(eval_root: str | Path) -> str:
     t4 = [("reasonseg", "val", m) for m in ("gIoU", "cIoU")]
     t5 = [("vqav2", "val2014", "accuracy")]
     out = ["Cells: ours / paper. Ours are whatever runs exist under the evaluation folder; the paper's",
-           "numbers are the published ones, not reproduced here.\n"]
+           "numbers are the published ones, not reproduced here. `*`: scored on another number of samples",
+           "than the official split has (a subset, or images missing): not comparable with the paper.\n"]
     if not results:
         out.insert(0, f"**No evaluation found under {eval_root}: every 'ours' cell is '-'.**\n")
     for title, cols in (("Table 2: refCOCO / refCOCO+ / refCOCOg (cIoU)", t2),
@@ -89,6 +90,6 @@ def render_tables(eval_root: str | Path) -> str:
             m = results.get((run, "refcocog", "val", name)) or {}
             if not m and name == "default":  # eval=table6a writes the 0.9 row as thr0.9
                 m = results.get((run, "refcocog", "val", "thr0.9"), {})
-            rows.append([run, name, _cell(m.get("cIoU"), paper)])
+            rows.append([run, name, _cell(m, "cIoU", paper)])
     out += ["### Table 6: PQPP ablations on refCOCOg val (cIoU)", markdown_table(["run", "setting", "cIoU"], rows)]
     return "\n".join(out)

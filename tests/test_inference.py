@@ -413,6 +413,24 @@ def test_rethresholding_an_evaluation_that_kept_every_answer_equals_evaluating_a
         rethreshold(tmp_path / "box_only" / "predictions.jsonl", tmp_path / "y", box_only.dataset, None, 0.9)
 
 
+def test_metrics_record_the_official_split_size_and_warn_when_part_of_it_was_scored(
+        workspace, adapter, tmp_path, caplog):
+    """A figure over part of a split (images missing, a subset) must not pass for the published protocol."""
+    from omegaconf import OmegaConf
+
+    from sam4mllm.evaluate import rescore
+
+    cfg = _eval_cfg(workspace, tmp_path / "run", "variant=box_only")
+    scored = evaluate(cfg, Scripted(adapter, "box_only", "<|box_start|>(100,150),(600,700)<|box_end|>"))
+    assert scored["official_n"] is None  # the synthetic benchmark has no official split sizes
+    for official, warned in ((scored["n"], False), (scored["n"] + 1, True)):
+        caplog.clear()
+        dataset = OmegaConf.merge(cfg.dataset, {"official_counts": {cfg.dataset.split: official}})
+        again = rescore(tmp_path / "run" / "predictions.jsonl", dataset)
+        assert again == {**scored, "official_n": official}
+        assert ("not comparable with published ones" in caplog.text) == warned
+
+
 def test_the_reference_codes_point_filter_keeps_no_above_0_9_and_yes_above_0_75(workspace, adapter, tmp_path):
     """eval=official's thresholds: evaluated directly, and re-segmented from a pass that kept every answer."""
     from sam4mllm.evaluate import pqpp_config, rethreshold
@@ -455,7 +473,7 @@ def test_paper_tables_put_ours_next_to_the_paper(tmp_path):
     run = tmp_path / "pqpp-qwen2vl" / "refcocog-val" / "default"
     run.mkdir(parents=True)
     (run / "metrics.json").write_text(json.dumps({"dataset": "refcocog", "split": "val", "variant": "pqpp",
-                                                  "cIoU": 0.5123}))
+                                                  "cIoU": 0.5123, "n": 4896, "official_n": 4896}))
     abl = tmp_path / "pqpp-qwen2vl" / "refcocog-val" / "thr0.6"
     abl.mkdir(parents=True)
     (abl / "metrics.json").write_text(json.dumps({"dataset": "refcocog", "split": "val", "variant": "pqpp",
@@ -467,13 +485,13 @@ def test_paper_tables_put_ours_next_to_the_paper(tmp_path):
     ppg = tmp_path / "ppg-qwen2vl" / "refcocog-val" / "default"
     ppg.mkdir(parents=True)
     (ppg / "metrics.json").write_text(json.dumps({"dataset": "refcocog", "split": "val", "variant": "ppg",
-                                                  "cIoU": 0.4567}))
+                                                  "cIoU": 0.4567, "n": 4000, "official_n": 4896}))
     text = render_tables(tmp_path)
     assert "51.2 / 74.5" in text          # Table 2, refcocog val: ours / paper PQPP
     assert "- / 75.2" in text              # refcocog test: no run, paper only
     assert "25.0 / 69.5" in text         # Table 6, threshold 0.6
     assert re.search(r"\| pqpp-qwen3vl +\| default +\| 33\.0 / 74\.5 +\|", text)  # Table 6's 0.9 row from thr0.9
-    assert "45.7 / 74.2" in text         # Table 2, refcocog val: ours / paper PPG
+    assert "45.7* (n=4000 of 4896) / 74.2" in text  # Table 2, PPG: on part of the split, and marked so
     table6 = text.split("### Table 6")[1]
     assert "ppg-qwen2vl" not in table6    # the ablations are PQPP's: no PPG rows beside its numbers
     assert "No evaluation found" not in text
