@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -589,6 +590,42 @@ def test_remote_code_stays_off_unless_the_user_turns_it_on(workspace, tmp_path):
 
     with pytest.raises(ValueError, match="trust_remote_code=true"):
         build_adapter("qwenvl", str(tmp_path))
+
+
+def test_qwen_vl_chat_images_go_to_a_temporary_folder_of_the_adapters_own(tmp_path, monkeypatch):
+    """Its remote code reads images from paths in the text: they are not written into the model
+    folder (possibly read-only, and copied by merges), each image once, and removed with the adapter."""
+    import gc
+
+    from PIL import Image
+
+    from sam4mllm.models import adapter as mod
+
+    class Loaded:  # stands in for the remote-code classes, which cannot be fetched here
+        @classmethod
+        def from_pretrained(cls, path, **kw):
+            assert kw["trust_remote_code"] and kw["local_files_only"]
+            return cls()
+
+        def to(self, device):
+            return self
+
+    monkeypatch.setattr(mod, "auto_classes", lambda family: (Loaded, Loaded))
+    a = mod.QwenVLChatAdapter.__new__(mod.QwenVLChatAdapter)
+    a.family, a.path = "qwenvl", tmp_path
+    a._load("float32", torch.device("cpu"), True, None)
+    texts = []
+    a.tokenizer = lambda text, return_tensors: texts.append(text) or {"input_ids": torch.zeros(1, 1)}
+    image = np.random.default_rng(0).integers(0, 256, (8, 9, 3), dtype=np.uint8)
+    for question in ("a", "b"):
+        a.model_inputs(f"{a.IMAGE_PLACEHOLDER}{question}", image)
+    paths = [Path(re.fullmatch(r"<img>(.*)</img>[ab]", t).group(1)) for t in texts]
+    assert paths[0] == paths[1] and len(list(paths[0].parent.iterdir())) == 1
+    assert np.array_equal(np.asarray(Image.open(paths[0])), image)
+    assert list(tmp_path.iterdir()) == []  # nothing in the model folder
+    del a
+    gc.collect()
+    assert not paths[0].parent.exists()
 
 
 def test_deepspeed_checkpoint_resume_follows_the_same_curve(workspace, tmp_path):

@@ -9,6 +9,9 @@ full. Adding a family is one :class:`FamilySpec` entry and one ``model/`` config
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -329,8 +332,9 @@ class Adapter:
 class QwenVLChatAdapter(Adapter):
     """Qwen-VL-Chat v1 (the paper's main backbone) through the remote code in its model folder.
 
-    Its tokenizer reads images as file paths inside ``<img>...</img>``, so each image is
-    written once to a cache folder and referenced by path. transformers has no native
+    Its tokenizer reads images as file paths inside ``<img>...</img>`` (the model opens them
+    in its forward), so each image is written once, as a PNG named by its digest, to a
+    temporary folder of this adapter's own and referenced by path. transformers has no native
     implementation and the remote code cannot be fetched here, so this adapter is not
     exercised by the offline tests; it needs ``trust_remote_code=true``.
     """
@@ -342,7 +346,10 @@ class QwenVLChatAdapter(Adapter):
         kw: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
         tok = tokenizer_cls.from_pretrained(self.path, **kw)
         model = model_cls.from_pretrained(self.path, dtype=DTYPES[dtype], **kw).to(device)
-        self._image_dir = Path(self.path) / ".sam4mllm_images"
+        # Not in the model folder, which may be read-only (shared storage) and is copied by merges;
+        # removed when the adapter goes.
+        self._image_dir = Path(tempfile.mkdtemp(prefix="sam4mllm-qwenvl-images-"))
+        weakref.finalize(self, shutil.rmtree, self._image_dir, True)
         return tok, model
 
     def render(self, dialog: Dialog, with_last_answer: bool = True) -> str:
