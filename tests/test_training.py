@@ -306,11 +306,10 @@ def test_a_run_with_nothing_to_feed_stops_with_the_reason_instead_of_waiting(wor
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        out[rec["step"]] = rec["loss"]  # a resumed run re-logs steps after its checkpoint: keep the last
-    return out
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), f"metrics.jsonl must hold each step once, in order: {steps}"
+    return {r["step"]: r["loss"] for r in records}
 
 
 def test_kill_and_resume_follows_the_uninterrupted_loss_curve(workspace, tmp_path):
@@ -335,6 +334,17 @@ def test_kill_and_resume_follows_the_uninterrupted_loss_curve(workspace, tmp_pat
     assert sorted(resumed) == list(range(1, 9))
     assert [resumed[s] for s in range(1, 9)] == pytest.approx([h["loss"] for h in full], abs=1e-5)
     assert full[-1]["loss"] < full[0]["loss"]
+
+
+def test_a_resumed_run_logs_to_the_wandb_run_it_resumes(workspace, tmp_path):
+    """wandb is offline by default (tests disable it elsewhere): a resume continues the same run id."""
+    run = tmp_path / "run"
+    common = ["logger.wandb_mode=offline", "train.save_every=1", "save_final=false"]
+    train(_cfg(workspace, run, "train.max_steps=1", *common))
+    train(_cfg(workspace, run, "train.max_steps=2", "resume=true", *common))
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and {p.name.rsplit("-", 1)[1] for p in runs} == {(run / "wandb_id").read_text()}
+    assert sorted(_losses(run)) == [1, 2]
 
 
 def test_only_the_newest_checkpoints_are_kept_and_the_run_resumes_from_them(workspace, tmp_path):
@@ -567,8 +577,6 @@ def test_two_rank_resume_with_dialogs_too_long_to_train_follows_the_straight_run
     assert "'too_long': 0" not in r.stdout + r.stderr
     straight = _losses(tmp_path / "run")
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step-0000003")
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[:3]
-    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     r = _deepspeed(workspace, tmp_path / "run", 2, *common, "resume=true")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     resumed = _losses(tmp_path / "run")
@@ -643,8 +651,6 @@ def test_deepspeed_checkpoint_resume_follows_the_same_curve(workspace, tmp_path)
     # Roll the finished run back to its step-3 checkpoint, as if it had died right after it.
     ckpt = tmp_path / "run" / "checkpoints"
     (ckpt / "latest").write_text("step-0000003")
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[:3]
-    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     r = run(f"run_dir={tmp_path / 'run'}", "resume=true")
     assert r.returncode == 0, r.stderr[-3000:]
     resumed = _losses(tmp_path / "run")

@@ -17,6 +17,7 @@ import os
 import random
 import re
 import resource
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -214,6 +215,8 @@ class Trainer:
             name = f"config.resumed-at-{resumed}.yaml" if resumed else "config.yaml"
             if not resumed or changes:
                 (self.run_dir / name).write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+            if resumed:
+                self._trim_log()
             log.info("trainable parameters: %s; %d examples; %d optimizer steps", self.counts, len(self.data),
                      self.total_steps)
         self._wandb = self._init_wandb()
@@ -334,14 +337,33 @@ class Trainer:
         if self._wandb is not None:
             self._wandb.log(rec, step=int(rec["step"]))
 
+    def _trim_log(self) -> None:
+        """Drop the records of steps after the resumed checkpoint (a killed run logged them, the
+        resumed one logs them again), so ``metrics.jsonl`` holds each step once."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= self.step:
+                        keep.append(line)
+                except json.JSONDecodeError:  # the killed run's torn last line
+                    continue
+            write_atomic(path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in keep)))
+
     def _init_wandb(self) -> Any:
         mode = self.cfg.logger.wandb_mode
         if rank() != 0 or mode == "disabled":
             return None
         import wandb
 
+        # One wandb run per run_dir: a resume continues the run it resumes (its id kept in the run_dir).
+        id_file = self.run_dir / "wandb_id"
+        if not id_file.exists():
+            id_file.write_text(secrets.token_hex(4))
         return wandb.init(project=self.cfg.logger.project, name=self.run_dir.name, dir=str(self.run_dir), mode=mode,
-                          config=OmegaConf.to_container(self.cfg, resolve=True), resume="allow")
+                          id=id_file.read_text().strip(), config=OmegaConf.to_container(self.cfg, resolve=True),
+                          resume="allow")
 
     # ----------------------------------------------------------- checkpoints
     def _state(self) -> dict[str, Any]:
