@@ -307,7 +307,8 @@ def test_kill_minus_9_then_resume_gives_the_identical_output(synthetic, tmp_path
     text = shard.read_text()
     lines = text.splitlines(keepends=True)
     shard.write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2] if len(lines) > 3 else text[:-5])
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    # Resumed as the deepspeed launcher would start it: with --local_rank appended (stripped before Hydra).
+    r = subprocess.run([*cmd, "--local_rank=0"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     merged = out / "labels.jsonl"
     assert merged.read_bytes() == reference
