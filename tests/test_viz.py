@@ -23,9 +23,14 @@ def test_overlay_box_and_scale(tmp_path):
     assert out[10, 8].tolist() == [0, 0, 0]  # inside the outline: untouched
 
 
-def test_save_overlay_writes_png(tmp_path):
-    p = save_overlay(tmp_path / "a/b.png", np.zeros((4, 4, 3), np.uint8))
-    assert Image.open(p).format == "PNG"
+def test_save_overlay_writes_the_overlay_losslessly_creating_folders(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    mask = np.zeros((6, 7), bool)
+    mask[1:4, 2:6] = True
+    p = save_overlay(tmp_path / "a/b.png", img, masks=[mask], scale=2)
+    with Image.open(p) as saved:
+        assert saved.format == "PNG"
+        assert np.array_equal(np.asarray(saved), np.asarray(overlay(img, masks=[mask], scale=2)))
 
 
 def test_side_by_side_puts_panels_in_a_row_under_their_caption():
