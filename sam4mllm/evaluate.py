@@ -184,7 +184,8 @@ def rescore(predictions: str | Path, dataset_cfg: Any) -> dict[str, Any]:
         for r in records:
             vqa.update(r.get("answer", ""), ds.records[int(r["key"])]["answers"])
         out.update(vqa.compute())
-        return _compare_official(out, dataset_cfg)
+        _compare_official(out, dataset_cfg)
+        return out
     meter = SegmentationMeter()
     times, points, right = [], 0, 0
     for r in records:
@@ -206,7 +207,7 @@ def rescore(predictions: str | Path, dataset_cfg: Any) -> dict[str, Any]:
     return out
 
 
-def _compare_official(metrics: dict[str, Any], dataset_cfg: Any) -> dict[str, Any]:
+def _compare_official(metrics: dict[str, Any], dataset_cfg: Any) -> None:
     """Record the split's official sample count as ``official_n`` and warn when fewer or more were scored:
     a figure over part of a split (images missing or unreadable, a subset) is not the published protocol."""
     official = (dataset_cfg.get("official_counts") or {}).get(metrics["split"])
@@ -214,7 +215,6 @@ def _compare_official(metrics: dict[str, Any], dataset_cfg: Any) -> dict[str, An
     if official is not None and metrics["n"] != official:
         log.warning("%s/%s: %d samples scored, the official split has %d: these figures are not comparable with "
                     "published ones", metrics["dataset"], metrics["split"], metrics["n"], official)
-    return metrics
 
 
 Prompts = tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]
