@@ -2,7 +2,14 @@
 
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 __version__ = "0.1.0"
 
 # The Hydra config tree lives beside the package in the repository (editable install).
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# The training run an evaluation loads by default (configs/eval.yaml): box-only is a PQPP
+# model's round 1 alone, so it reads the PQPP run; no run is trained as "box_only".
+OmegaConf.register_new_resolver("trained_variant", lambda variant: "pqpp" if variant == "box_only" else variant,
+                                replace=True)

@@ -93,3 +93,14 @@ def test_every_eval_preset_is_a_points_round_the_predictor_accepts():
             pqpp = pqpp_config(compose(config_name="eval", overrides=[f"eval={name}"]))
             pts = sample_points(np.array([0, 0, 99, 99]), (100, 100), pqpp, np.random.default_rng(0))
             assert len(pts) == (pqpp.grid**2 if pqpp.sampling == "grid" else pqpp.n_random), name
+
+
+def test_an_evaluation_loads_the_run_its_variant_was_trained_as():
+    """box-only is a PQPP model's round 1: no run is trained as box_only, so it reads the PQPP run."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for variant, run in (("pqpp", "pqpp"), ("ppg", "ppg"), ("box_only", "pqpp")):
+            cfg = compose(config_name="eval", overrides=[f"variant={variant}", "paths.output_dir=/out"])
+            assert cfg.checkpoint == f"/out/runs/{run}-{cfg.model.family}/final"
+            assert cfg.out_dir.startswith(f"/out/eval/{variant}-")  # its results stay its own
+        train = compose(config_name="train", overrides=["+exp=pqpp", "paths.output_dir=/out"])
+        assert train.run_dir == f"/out/runs/pqpp-{train.model.family}"  # where that checkpoint comes from
