@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from sam4mllm.config import build
 from sam4mllm.data import build_dataset
-from sam4mllm.data.errors import UNREADABLE
+from sam4mllm.data.base import Sample
 from sam4mllm.data.masks import decode_segmentation, encode_rle
 from sam4mllm.device import config_on_device
 from sam4mllm.inference import PQPPConfig, Sam4MLLM, segment_targets
@@ -125,21 +125,22 @@ def evaluate(cfg: Any, predictor: Any = None) -> dict[str, Any] | None:
     out_dir = Path(cfg.out_dir)
     header = _header(cfg, split, ds.fingerprint())
     index, count = shard_from_env(cfg.shard.index, cfg.shard.count)
-    mine = assign(range(len(ds)), index, count)
-    with ShardWriter(shard_path(out_dir, index, count), {**header, "shard": index, "num_shards": count}) as w:
-        todo = [(k, i) for k, i in mine if str(i) not in w.done]
+    # Shards get whole images, their sentences in a row, so that an image is decoded, and embedded
+    # by the segmenter, once for all its sentences (not once per sentence and shard).
+    mine = [i for _, (_, ids) in assign(ds.by_image(), index, count) for i in ids]
+    shard_header = {**header, "shard": index, "num_shards": count, "shards_by": "image"}
+    with ShardWriter(shard_path(out_dir, index, count), shard_header) as w:
+        todo = [i for i in mine if str(i) not in w.done]
         if w.retried:
             log.info("%s: retrying %d samples whose data could not be read before", w.path, w.retried)
         bar = tqdm(todo, desc=f"eval {cfg.dataset.name}/{split} [{index + 1}/{count}]", unit="sample",
                    initial=len(mine) - len(todo), total=len(mine), disable=not cfg.progress)
-        for k, i in bar:
-            try:
-                sample = ds[i]
-            except UNREADABLE as err:
-                w.write({"key": str(i), "index": k, "error": f"{type(err).__name__}: {err}", "valid": False})
+        for i, sample in ds.samples(bar):
+            if isinstance(sample, Exception):
+                w.write({"key": str(i), "index": i, "error": f"{type(sample).__name__}: {sample}", "valid": False})
                 continue
             predictor = predictor or build_predictor(cfg)  # not before: a resume may find nothing readable to do
-            w.write({"key": str(i), "index": k, **predict_sample(predictor, sample), "sample_id": sample.sample_id})
+            w.write({"key": str(i), "index": i, **predict_sample(predictor, sample), "sample_id": sample.sample_id})
     merged = merge_shards(out_dir, count, len(ds), header, MERGED)
     if merged is None:
         return None
@@ -188,8 +189,9 @@ def rescore(predictions: str | Path, dataset_cfg: Any) -> dict[str, Any]:
         return out
     meter = SegmentationMeter()
     times, points, right = [], 0, 0
-    for r in records:
-        sample = ds[int(r["key"])]
+    samples = ds.samples((int(r["key"]) for r in records), strict=True)  # read when predicted: must read now
+    for r, (_, sample) in zip(records, samples, strict=True):
+        assert isinstance(sample, Sample)
         h, w = sample.size
         gt = sample.union_mask()
         meter.update(predicted_mask(r, sample.size), gt, sample.ignore, valid=bool(r.get("valid")))
@@ -228,11 +230,13 @@ def resegment(header: dict[str, Any], records: list[dict[str, Any]], out_dir: st
     what an evaluation writes (predictions under ``header``, metrics, overlays) to ``out_dir``.
     """
     ds = build_dataset(dataset_cfg, header["split"])
+    samples = ds.samples((int(r["key"]) for r in records if r.get("boxes")), strict=True)
     out = []
     for r in records:
         r = {k: v for k, v in r.items() if k != "timings"}  # the MLLM's, and the old segmentation's
         if r.get("boxes"):
-            s = ds[int(r["key"])]
+            _, s = next(samples)
+            assert isinstance(s, Sample)
             points, labels, confidences = prompts(r, s)
             segmenter.set_image(s.image)
             masks = segment_targets(segmenter, np.asarray(r["boxes"], float), points, labels)

@@ -138,13 +138,6 @@ def _image_rng(seed: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")])
 
 
-def _group_by_image(ds: SegDataset) -> list[tuple[str, list[int]]]:
-    groups: dict[str, list[int]] = {}
-    for i, r in enumerate(ds.records):
-        groups.setdefault(str(r.get("image_id", Path(r["image_path"]).stem)), []).append(i)
-    return list(groups.items())
-
-
 def label_image(
     ds: SegDataset,
     record_ids: list[int],
@@ -164,14 +157,13 @@ def label_image(
     out: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     first_error: MalformedSampleError | None = None
-    image = None  # decoded by the first sentence that loads, then passed on to the others
-    for i in record_ids:
+    for i, s in ds.samples(record_ids):  # the image decoded once for all its sentences
         try:
-            s = ds.load(ds.records[i], image)
-            if variant == "ppg" and image is None:
+            if isinstance(s, Exception):
+                raise s  # an unreadable image raises; a malformed annotation leaves out its sentence (below)
+            if variant == "ppg":
                 assert segmenter is not None
-                segmenter.set_image(s.image)
-            image = s.image
+                segmenter.set_image(s.image)  # a no-op after the image's first sentence
             ann_ids = s.meta.get("ann_ids") or [f"{s.sample_id}/{j}" for j in range(len(s.masks))]
             targets = []
             for ann, mask, box in zip(ann_ids, s.masks, s.boxes, strict=True):
@@ -224,7 +216,7 @@ def generate_labels(cfg: Any, segmenter_factory: Callable[[], Segmenter] | None 
     header = _header(cfg, segmenter.name if segmenter else "none", ds.fingerprint())
     index, count = shard_from_env(cfg.shard.index, cfg.shard.count)
     out_dir = Path(cfg.out_dir)
-    items = _group_by_image(ds)
+    items = ds.by_image()
     mine = assign(items, index, count)
     params = OmegaConf.to_container(cfg.labels, resolve=True)
     with ShardWriter(shard_path(out_dir, index, count), {**header, "shard": index, "num_shards": count}) as w:

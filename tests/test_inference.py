@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -290,6 +291,36 @@ def test_evaluator_resumes_and_shards_merge_to_the_single_process_result(workspa
     a = [json.loads(x) for x in ref.decode().splitlines()[1:]]
     b = [json.loads(x) for x in (tmp_path / "two" / "predictions.jsonl").read_text().splitlines()[1:]]
     assert [r["sample_id"] for r in a] == [r["sample_id"] for r in b]
+
+
+def test_shards_get_whole_images_so_each_is_read_and_embedded_once(workspace, tmp_path, monkeypatch):
+    """Every sentence of an image goes to one shard, in a row: its image is decoded once to predict
+    (and once more to score) and the segmenter embeds it once, however many sentences and shards
+    (not once per sentence and shard)."""
+    from sam4mllm.data import refer
+
+    decoded: list[Path] = []
+    monkeypatch.setattr(refer, "load_image", lambda path, *a, real=refer.load_image: decoded.append(path)
+                        or real(path, *a))
+    segmenter = GrabCutSegmenter()
+
+    class Embeds:  # what Sam4MLLM.segment does with the segmenter: embed the image, then prompt it
+        def segment(self, image, expression, task="res"):
+            segmenter.set_image(image)
+            return SegmentResult([], np.zeros((0, 4)), text="No object found.", no_target=True)
+
+    per_shard = []
+    for i in range(3):
+        evaluate(_eval_cfg(workspace, tmp_path, f"shard.index={i}", "shard.count=3", "eval.overlays=0"), Embeds())
+        per_shard.append({r["sample_id"] for r in read_shard(shard_path(tmp_path, i, 3), partial=True)[1]})
+    ds = build_dataset(_eval_cfg(workspace, tmp_path).dataset, "val")
+    image_of = {f"{ds.name}/val/{r['ref_id']}/{r['sent_id']}": r["image_path"] for r in ds.records}
+    images = set(image_of.values())
+    assert len(ds) > len(images) and all(per_shard)  # sentences share images; every shard has work
+    assert Counter(decoded) == dict.fromkeys(images, 2) and segmenter.embed_count == len(images)
+    shard_images = [{image_of[s] for s in shard} for shard in per_shard]
+    assert sum(map(len, shard_images)) == len(images)  # no image split over shards
+    assert len(read_shard(tmp_path / "predictions.jsonl")[1]) == len(ds)
 
 
 def test_pqpp_boxes_resegmented_equal_box_only_and_gain_from_gt_point_answers(workspace, adapter, tmp_path):

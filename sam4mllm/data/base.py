@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from abc import abstractmethod
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sam4mllm.coords import Size, mask_to_box
-from sam4mllm.data.errors import CorruptImageError, MalformedSampleError
+from sam4mllm.data.errors import UNREADABLE, CorruptImageError, MalformedSampleError
 
 Task = Literal["res", "gres", "reasonseg", "vqa"]
 
@@ -112,6 +112,34 @@ class SegDataset(Sequence[Sample]):
         ``image``: the record's image, already decoded by the load of another sentence of the
         same image (the label job passes it on, so an image is decoded once, not once per sentence).
         """
+
+    def samples(self, indices: Iterable[int], strict: bool = False) -> Iterator[tuple[int, Sample | Exception]]:
+        """``(index, sample)`` of each record in turn, each image decoded once for a run of its
+        sentences; ``(index, error)`` for one that cannot be read (an ``UNREADABLE`` error),
+        which ``strict`` raises instead."""
+        last: Sample | None = None
+        for i in indices:
+            record = self.records[i]
+            same = last is not None and last.image_path == record["image_path"]
+            try:
+                last = self.load(record, last.image if same else None)  # type: ignore[union-attr]
+            except UNREADABLE as err:
+                if strict:
+                    raise
+                yield i, err
+                continue
+            yield i, last
+
+    def by_image(self) -> list[tuple[str, list[int]]]:
+        """``(image key, record indices)`` per image, in order of first appearance.
+
+        Jobs hand out whole images (label generation, evaluation), so that an image is
+        decoded, and embedded by the segmenter, once for all its sentences.
+        """
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(self.records):
+            groups.setdefault(str(r.get("image_id", Path(r["image_path"]).stem)), []).append(i)
+        return list(groups.items())
 
     def image_paths(self) -> list[Path]:
         """Every image the split references, once each (for layout checks)."""
