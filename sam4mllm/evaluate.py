@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from sam4mllm.config import build
 from sam4mllm.data import build_dataset
-from sam4mllm.data.base import Sample
 from sam4mllm.data.masks import decode_segmentation, encode_rle
 from sam4mllm.device import config_on_device
 from sam4mllm.inference import PQPPConfig, Sam4MLLM, segment_targets
@@ -191,7 +190,6 @@ def rescore(predictions: str | Path, dataset_cfg: Any) -> dict[str, Any]:
     times, points, right = [], 0, 0
     samples = ds.samples((int(r["key"]) for r in records), strict=True)  # read when predicted: must read now
     for r, (_, sample) in zip(records, samples, strict=True):
-        assert isinstance(sample, Sample)
         h, w = sample.size
         gt = sample.union_mask()
         meter.update(predicted_mask(r, sample.size), gt, sample.ignore, valid=bool(r.get("valid")))
@@ -236,7 +234,6 @@ def resegment(header: dict[str, Any], records: list[dict[str, Any]], out_dir: st
         r = {k: v for k, v in r.items() if k != "timings"}  # the MLLM's, and the old segmentation's
         if r.get("boxes"):
             _, s = next(samples)
-            assert isinstance(s, Sample)
             points, labels, confidences = prompts(r, s)
             segmenter.set_image(s.image)
             masks = segment_targets(segmenter, np.asarray(r["boxes"], float), points, labels)

@@ -110,7 +110,7 @@ class SegDataset(Sequence[Sample]):
         """Decode one record into a :class:`Sample`.
 
         ``image``: the record's image, already decoded by the load of another sentence of the
-        same image (the label job passes it on, so an image is decoded once, not once per sentence).
+        same image (:meth:`samples` passes it on, so an image is decoded once, not once per sentence).
         """
 
     def samples(self, indices: Iterable[int], strict: bool = False) -> Iterator[tuple[int, Sample | Exception]]:
