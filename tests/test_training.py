@@ -602,7 +602,8 @@ def test_remote_code_stays_off_unless_the_user_turns_it_on(workspace, tmp_path):
 
 def test_qwen_vl_chat_images_go_to_a_temporary_folder_of_the_adapters_own(tmp_path, monkeypatch):
     """Its remote code reads images from paths in the text: they are not written into the model
-    folder (possibly read-only, and copied by merges), each image once, and removed with the adapter."""
+    folder (possibly read-only, and copied by merges), each image once, only the most recent kept,
+    and removed with the adapter."""
     import gc
 
     from PIL import Image
@@ -631,6 +632,14 @@ def test_qwen_vl_chat_images_go_to_a_temporary_folder_of_the_adapters_own(tmp_pa
     assert paths[0] == paths[1] and len(list(paths[0].parent.iterdir())) == 1
     assert np.array_equal(np.asarray(Image.open(paths[0])), image)
     assert list(tmp_path.iterdir()) == []  # nothing in the model folder
+    # Only the most recently used images stay on disk: a long run does not pile up its image set.
+    a.KEEP_IMAGES = 2
+    others = [np.full((8, 9, 3), v, np.uint8) for v in (1, 2)]
+    for im in (others[0], image, others[1]):  # image used again: the least recent is now others[0]
+        a.model_inputs(a.IMAGE_PLACEHOLDER, im)
+    last = Path(re.fullmatch(r"<img>(.*)</img>", texts[-1]).group(1))
+    assert sorted(paths[0].parent.iterdir()) == sorted([paths[0], last])
+    assert np.array_equal(np.asarray(Image.open(last)), others[1])
     del a
     gc.collect()
     assert not paths[0].parent.exists()

@@ -12,6 +12,7 @@ import logging
 import shutil
 import tempfile
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -333,13 +334,17 @@ class QwenVLChatAdapter(Adapter):
     """Qwen-VL-Chat v1 (the paper's main backbone) through the remote code in its model folder.
 
     Its tokenizer reads images as file paths inside ``<img>...</img>`` (the model opens them
-    in its forward), so each image is written once, as a PNG named by its digest, to a
-    temporary folder of this adapter's own and referenced by path. transformers has no native
+    in its forward), so each image is written, as a PNG named by its digest, to a temporary
+    folder of this adapter's own and referenced by path; only the ``KEEP_IMAGES`` most recently
+    used stay on disk (a training run would otherwise leave its whole image set there as PNGs
+    until it ends). transformers has no native
     implementation and the remote code cannot be fetched here, so this adapter is not
     exercised by the offline tests; it needs ``trust_remote_code=true``.
     """
 
     IMAGE_PLACEHOLDER = "<|sam4mllm_image|>"
+    # Far more than one forward reads: a micro-batch's images are written just before its forward.
+    KEEP_IMAGES = 256
 
     def _load(self, dtype: str, device: torch.device, trust_remote_code: bool, attn: str | None) -> tuple[Any, Any]:
         model_cls, tokenizer_cls = auto_classes(self.family)
@@ -349,6 +354,7 @@ class QwenVLChatAdapter(Adapter):
         # Not in the model folder, which may be read-only (shared storage) and is copied by merges;
         # removed when the adapter goes.
         self._image_dir = Path(tempfile.mkdtemp(prefix="sam4mllm-qwenvl-images-"))
+        self._on_disk: OrderedDict[Path, None] = OrderedDict()  # least recently used first
         weakref.finalize(self, shutil.rmtree, self._image_dir, True)
         return tok, model
 
@@ -368,9 +374,13 @@ class QwenVLChatAdapter(Adapter):
         from sam4mllm.sam.base import image_digest
 
         path = self._image_dir / f"{image_digest(image)}.png"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+        if path in self._on_disk:
+            self._on_disk.move_to_end(path)
+        else:
             Image.fromarray(image).save(path)
+            self._on_disk[path] = None
+            while len(self._on_disk) > self.KEEP_IMAGES:
+                self._on_disk.popitem(last=False)[0].unlink(missing_ok=True)
         return dict(self.tokenizer(text.replace(self.IMAGE_PLACEHOLDER, f"<img>{path}</img>"), return_tensors="pt"))
 
 
