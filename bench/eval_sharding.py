@@ -69,7 +69,8 @@ def _run(data_dir: Path, out: Path, shards: int) -> tuple[float, int, int, bytes
             evaluate(cfg, predictor)
     finally:
         refer.load_image = real
-    return time.perf_counter() - t0, decoded[0], predictor.segmenter.embed_count, (out / "predictions.jsonl").read_bytes()
+    seconds = time.perf_counter() - t0
+    return seconds, decoded[0], predictor.segmenter.embed_count, (out / "predictions.jsonl").read_bytes()
 
 
 def _round_robin() -> tuple[object, object]:
