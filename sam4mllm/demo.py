@@ -34,7 +34,7 @@ from sam4mllm import CONFIG_DIR
 from sam4mllm.config import build
 from sam4mllm.data import build_dataset
 from sam4mllm.data.synthetic import generate_synthetic
-from sam4mllm.evaluate import MERGED, evaluate, pqpp_config, resegment, rethreshold
+from sam4mllm.evaluate import MERGED, evaluate, pqpp_config, resegment, rethreshold, said_no_target
 from sam4mllm.inference import PQPPConfig, SegmentResult, sample_points, segment_targets
 from sam4mllm.labels import generate_labels, pixels_in_box
 from sam4mllm.metrics import SegmentationMeter
@@ -164,7 +164,8 @@ def score_baseline(dataset_cfg: Any, predict: Callable[[Any], SegmentResult]) ->
     meter = SegmentationMeter()
     for s in ds:
         r = predict(s)
-        meter.update(r.union(s.size), s.union_mask(), s.ignore, valid=r.valid)
+        meter.update(r.union(s.size), s.union_mask(), s.ignore, valid=r.valid,
+                     no_target=said_no_target({"no_target": r.no_target}, s.task))
     return meter.compute()
 
 

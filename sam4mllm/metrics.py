@@ -7,13 +7,16 @@ removing ``ignore`` pixels from both masks: ``I = |pred & gt|``, ``U = |pred | g
 * ``gIoU = mean(I / U)``, a sample with ``U == 0`` (prediction and ground truth both
   empty) scoring 1 (LISA convention).
 
-These two lines already give the gRefCOCO rules (GRES official code): a no-target
-sample predicted empty scores 1 and adds nothing; a no-target sample predicted with a
-mask scores 0 and adds its area to ``sum(U)``; a target sample predicted empty scores 0
-and adds the target's area to ``sum(U)``. A prediction *is* "no target" exactly when
-its mask is empty (``None`` or all False). ``N-acc`` is the share of no-target samples
-predicted empty, ``T-acc`` the share of target samples predicted non-empty, and
-``Pr@t`` the share of *target* samples with ``I / U >= t``.
+gRefCOCO rules (GRES official code), which read an explicit "no target" prediction (for
+an MLLM, its no-target answer; ``score_sample(..., no_target=...)``): a no-target sample
+predicted "no target" scores 1 and adds nothing to the sums; predicted anything else (a
+mask, a box whose mask is empty, an unparseable answer) it scores 0 and adds its mask's
+area to ``sum(U)``; a target sample predicted "no target" scores 0 and adds the target's
+area to ``sum(U)``. ``N-acc`` is the share of no-target samples predicted "no target",
+``T-acc`` the share of target samples predicted otherwise, and ``Pr@t`` the share of
+*target* samples with ``I / U >= t``. Without an explicit prediction (``no_target=None``:
+the other tasks, and mask-only predictors) a prediction is "no target" when its mask is
+empty, which is the LISA convention above.
 """
 
 from __future__ import annotations
@@ -34,29 +37,37 @@ class SampleScore:
     intersection: int
     union: int
     gt_empty: bool
-    pred_empty: bool
+    pred_no_target: bool
 
     @property
     def iou(self) -> float:
-        """``I / U``; 1.0 when both masks are empty."""
+        """``I / U``; a no-target sample scores 1 when predicted "no target", else 0."""
+        if self.gt_empty:
+            return float(self.pred_no_target)
         return self.intersection / self.union if self.union else 1.0
 
 
-def score_sample(pred: np.ndarray | None, gt: np.ndarray | None, ignore: np.ndarray | None = None) -> SampleScore:
-    """Score one prediction. ``pred``/``gt`` are ``HxW`` bool masks; ``None`` means empty."""
+def score_sample(pred: np.ndarray | None, gt: np.ndarray | None, ignore: np.ndarray | None = None,
+                 no_target: bool | None = None) -> SampleScore:
+    """Score one prediction. ``pred``/``gt`` are ``HxW`` bool masks; ``None`` means empty.
+
+    ``no_target``: whether the prediction says "no target" (gRefCOCO's explicit prediction);
+    ``None``: when its mask is empty.
+    """
     shape = next((m.shape for m in (gt, pred, ignore) if m is not None), None)
     if shape is None:
-        return SampleScore(0, 0, True, True)
+        return SampleScore(0, 0, True, True if no_target is None else no_target)
     for name, m in (("prediction", pred), ("ground truth", gt), ("ignore", ignore)):
         if m is not None and m.shape != shape:
             raise ValueError(f"{name} mask is {m.shape}, expected {shape}: IoU is computed at the original resolution")
     p = np.zeros(shape, bool) if pred is None else pred.astype(bool)
     g = np.zeros(shape, bool) if gt is None else gt.astype(bool)
-    pred_empty, gt_empty = not p.any(), not g.any()
+    gt_empty = not g.any()
+    said_none = not p.any() if no_target is None else no_target
     if ignore is not None:
         keep = ~ignore.astype(bool)
         p, g = p & keep, g & keep
-    return SampleScore(int((p & g).sum()), int((p | g).sum()), gt_empty, pred_empty)
+    return SampleScore(int((p & g).sum()), int((p | g).sum()), gt_empty, said_none)
 
 
 @dataclass
@@ -71,10 +82,11 @@ class SegmentationMeter:
     invalid: int = 0
 
     def update(
-        self, pred: np.ndarray | None, gt: np.ndarray | None, ignore: np.ndarray | None = None, valid: bool = True
+        self, pred: np.ndarray | None, gt: np.ndarray | None, ignore: np.ndarray | None = None, valid: bool = True,
+        no_target: bool | None = None,
     ) -> SampleScore:
-        """Score and record one sample."""
-        s = score_sample(pred, gt, ignore)
+        """Score and record one sample (``no_target``: see :func:`score_sample`)."""
+        s = score_sample(pred, gt, ignore, no_target)
         self.add(s, valid)
         return s
 
@@ -93,8 +105,8 @@ class SegmentationMeter:
         yield "n", n
         yield "cIoU", (total_i / total_u if total_u else 1.0) if n else None
         yield "gIoU", float(np.mean([s.iou for s in self.scores])) if n else None
-        yield "N-acc", (sum(s.pred_empty for s in empties) / len(empties)) if empties else None
-        yield "T-acc", (sum(not s.pred_empty for s in targets) / len(targets)) if targets else None
+        yield "N-acc", (sum(s.pred_no_target for s in empties) / len(empties)) if empties else None
+        yield "T-acc", (sum(not s.pred_no_target for s in targets) / len(targets)) if targets else None
         for t in PR_THRESHOLDS:
             yield f"Pr@{t}", (sum(s.iou >= t for s in targets) / len(targets)) if targets else None
         yield "n_no_target", len(empties)

@@ -18,7 +18,7 @@ from PIL import Image
 from sam4mllm.codec import Point, TargetPrompt
 from sam4mllm.data import CorruptImageError, MalformedSampleError, build_dataset
 from sam4mllm.data.base import Sample
-from sam4mllm.data.masks import encode_rle
+from sam4mllm.data.masks import decode_segmentation, encode_rle
 from sam4mllm.dialogs import Dialog, box_question, point_question
 from sam4mllm.evaluate import evaluate, rescore, write_overlays
 from sam4mllm.inference import PQPPConfig, Sam4MLLM, SegmentResult, sample_points
@@ -156,7 +156,8 @@ class Oracle:
     def segment(self, image, expression, task="res"):
         if self.garbage_every and len(expression) % self.garbage_every == 0:
             return SegmentResult([], np.zeros((0, 4)), text="???", valid=False, reason="no box found")
-        return SegmentResult(list(self.current.masks), self.current.boxes, text="gt", timings={"total": 0.0})
+        return SegmentResult(list(self.current.masks), self.current.boxes, text="gt", timings={"total": 0.0},
+                             no_target=not self.current.masks)
 
 
 def _eval_cfg(workspace, out, *extra):
@@ -189,6 +190,10 @@ def test_evaluator_scores_oracle_perfectly_and_counts_invalid(workspace, tmp_pat
     ds = build_dataset(_eval_cfg(workspace, tmp_path / "b", "dataset=synthetic_gres").dataset, "val")
     n_bad = sum(len(r["expression"]) % 4 == 0 for r in ds.records)
     assert n_bad > 0 and m2["invalid_rate"] == pytest.approx(n_bad / m2["n"]) and m2["gIoU"] < 1.0
+    # An unparseable answer on a no-target sentence is not a "no target" prediction (GRES official code).
+    empty = [r for r in ds.records if not r["ann_ids"]]
+    bad_empty = sum(len(r["expression"]) % 4 == 0 for r in empty)
+    assert bad_empty > 0 and m2["N-acc"] == pytest.approx(1 - bad_empty / len(empty))
     assert json.loads((tmp_path / "b" / "metrics.json").read_text()) == m2
     assert m2 == rescore(tmp_path / "b" / "predictions.jsonl", _eval_cfg(workspace, tmp_path / "b",
                                                                           "dataset=synthetic_gres").dataset)
@@ -363,8 +368,13 @@ def test_pqpp_boxes_resegmented_equal_box_only_and_gain_from_gt_point_answers(wo
     assert derived["points"] == 0 and derived["points_right"] is None
     assert 0 < metrics["pqpp"]["points_right"] < 1  # the scripted answers ignore the image
     # These boxes span several shapes: negative points on the others must help the segmenter,
-    # and all-negative answers in a box over no target must empty its mask.
-    assert oracle["cIoU"] > derived["cIoU"] + 0.05 and oracle["N-acc"] > derived["N-acc"]
+    # and all-negative answers in a box over no target must empty its mask (which is still not a
+    # "no target" answer: N-acc counts the model's answers, as the GRES official code does).
+    assert oracle["cIoU"] > derived["cIoU"] + 0.05 and oracle["N-acc"] == derived["N-acc"]
+    boxed_empty = [r for r in (json.loads(x) for x in (tmp_path / "oracle" / "predictions.jsonl").read_text()
+                               .splitlines()[1:]) if r.get("boxes") and not ds[int(r["key"])].masks]
+    assert boxed_empty and not any(decode_segmentation(m, *ds[int(r["key"])].size).any()
+                                   for r in boxed_empty for m in r["masks"])
 
 
 def test_evaluation_of_a_retrained_checkpoint_does_not_resume_the_old_predictions(workspace, tmp_path):

@@ -47,9 +47,28 @@ def test_gres_rules():
     assert r["n_no_target"] == 2
 
 
-def test_empty_prediction_mask_counts_as_no_target():
-    assert score_sample(np.zeros((2, 4), bool), E).iou == 1.0
-    assert score_sample(E, None).pred_empty
+def test_empty_prediction_mask_counts_as_no_target_without_an_explicit_prediction():
+    assert score_sample(np.zeros((2, 4), bool), E).iou == 1.0  # LISA: both empty
+    assert score_sample(E, None).pred_no_target
+
+
+def test_gres_reads_the_explicit_no_target_prediction_not_the_mask():
+    """GRES official code: only a "no target" prediction counts as one. An empty mask from a target
+    answer (a box the segmenter found nothing in) or from an unparseable answer does not."""
+    meter = SegmentationMeter()
+    said = meter.update(None, E, no_target=True)                 # the no-target answer
+    boxed = meter.update(E, E, no_target=False)                  # a box whose mask is empty
+    garbage = meter.update(None, E, valid=False, no_target=False)  # unparseable
+    target_boxed = meter.update(E, m(["#...", "...."]), no_target=False)  # a target, its box's mask empty
+    assert [x.iou for x in (said, boxed, garbage, target_boxed)] == [1.0, 0.0, 0.0, 0.0]
+    r = meter.compute()
+    assert r["N-acc"] == pytest.approx(1 / 3) and r["T-acc"] == 1.0  # the boxed target counts as a target
+    assert r["gIoU"] == pytest.approx(0.25) and r["cIoU"] == 0.0
+    # Without the explicit prediction the same masks score by emptiness: every no-target right, T-acc 0.
+    plain = SegmentationMeter()
+    for pred, gt in ((None, E), (E, E), (None, E), (E, m(["#...", "...."]))):
+        plain.update(pred, gt)
+    assert plain.compute()["N-acc"] == 1.0 and plain.compute()["T-acc"] == 0.0
 
 
 def test_all_empty_split():
