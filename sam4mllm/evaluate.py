@@ -5,11 +5,12 @@ written incrementally to JSONL shards, resume after a kill, shard across process
 (``RANK``/``WORLD_SIZE`` or ``shard.*``) and merge into one ``predictions.jsonl`` that does
 not depend on the shard count. Metrics are always computed from that file
 (:func:`rescore`), so a rescore gives exactly what the run reported. An unparseable
-answer is scored as an empty mask (IoU 0 for a target) and counted in
-``invalid_rate``. A sample whose image cannot be read, or does not match its annotations,
-keeps its line in the predictions with the error, is left out of the metrics and is
-counted in ``unreadable`` (a resume retries it); annotation entries the loader skipped
-are counted in ``skipped`` (both with a warning).
+answer is scored as an empty mask (IoU 0 for a target; on gRefCOCO not a "no target"
+prediction either, see :func:`said_no_target`) and counted in ``invalid_rate``. A sample
+whose image cannot be read, or does not match its annotations, keeps its line in the
+predictions with the error, is left out of the metrics and is counted in ``unreadable``
+(a resume retries it); annotation entries the loader skipped are counted in ``skipped``
+(both with a warning).
 """
 
 from __future__ import annotations
