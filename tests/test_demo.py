@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -286,6 +287,20 @@ def test_tiny_pqpp_fits_its_training_images_through_the_whole_pipeline(tmp_path)
     # measured: boxes alone 1.000, PQPP 0.934, centre box 0.671 (the dialog round, 2 points: 1.000, 0.872)
     assert box_only >= 0.95
     assert learned >= max(trivial.values()) + 0.15
+
+
+def test_a_baseline_scores_no_target_only_when_it_answers_no_target(workspace):
+    """gRefCOCO rules as the GRES official code reads them: a box whose mask comes out empty is not a
+    "no target" answer (no N-acc, IoU 0 on no-target sentences); the GT-prompted oracle's is."""
+    from sam4mllm.demo import baselines, score_baseline
+    from sam4mllm.inference import SegmentResult
+    from sam4mllm.sam.grabcut import GrabCutSegmenter
+
+    dataset = workspace("eval", "dataset=synthetic_gres").dataset
+    m = score_baseline(dataset, lambda s: SegmentResult([np.zeros(s.size, bool)], np.array([[0.0, 0.0, 1.0, 1.0]])))
+    assert m["n_no_target"] > 0 and m["N-acc"] == 0.0 and m["T-acc"] == 1.0 and m["gIoU"] == 0.0
+    oracle = score_baseline(dataset, baselines(GrabCutSegmenter(), 0)["oracle: GT box -> segmenter"])
+    assert oracle["N-acc"] == 1.0 and oracle["T-acc"] == 1.0
 
 
 @pytest.mark.slow
