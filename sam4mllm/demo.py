@@ -165,7 +165,7 @@ def score_baseline(dataset_cfg: Any, predict: Callable[[Any], SegmentResult]) ->
     for s in ds:
         r = predict(s)
         meter.update(r.union(s.size), s.union_mask(), s.ignore, valid=r.valid,
-                     no_target=said_no_target({"no_target": r.no_target}, s.task))
+                     no_target=said_no_target(r.no_target, s.task))
     return meter.compute()
 
 

@@ -194,7 +194,7 @@ def rescore(predictions: str | Path, dataset_cfg: Any) -> dict[str, Any]:
         h, w = sample.size
         gt = sample.union_mask()
         meter.update(predicted_mask(r, sample.size), gt, sample.ignore, valid=bool(r.get("valid")),
-                     no_target=said_no_target(r, sample.task))
+                     no_target=said_no_target(r.get("no_target"), sample.task))
         if "timings" in r:
             times.append(r["timings"].get("total", 0.0))
         for pts, labels in zip(r.get("points", []), r.get("labels", []), strict=True):
@@ -209,11 +209,12 @@ def rescore(predictions: str | Path, dataset_cfg: Any) -> dict[str, Any]:
     return out
 
 
-def said_no_target(record: dict[str, Any], task: str) -> bool | None:
-    """gRefCOCO scores the explicit no-target answer (GRES official code), not an empty mask: an
-    unparseable answer, or a box whose mask came out empty, is not "no target". Other tasks: ``None``
+def said_no_target(answered: Any, task: str) -> bool | None:
+    """What a prediction that ``answered`` (truthy) the no-target answer predicts, for
+    :func:`score_sample`: gRefCOCO scores that answer (GRES official code), not an empty mask, so an
+    unparseable answer or a box whose mask came out empty is not "no target". Other tasks: ``None``
     (the mask decides, LISA convention)."""
-    return bool(record.get("no_target")) if task == "gres" else None
+    return bool(answered) if task == "gres" else None
 
 
 def _compare_official(metrics: dict[str, Any], dataset_cfg: Any) -> None:
@@ -322,7 +323,7 @@ def write_overlays(predictions: Path, ds: Any, out_dir: Path, n: int) -> list[Pa
         sample = ds[int(r["key"])]
         masks = [decode_segmentation(m, *sample.size) for m in r["masks"]]
         score = score_sample(np.any(masks, 0) if masks else None, sample.union_mask(), sample.ignore,
-                             said_no_target(r, sample.task))
+                             said_no_target(r.get("no_target"), sample.task))
         verdict = ("no target" if r.get("no_target") else f"IoU {score.iou:.3f}") + (
             "" if r["valid"] else f", invalid: {r['reason']}")
         gt = overlay(sample.image, masks=sample.masks, boxes=sample.boxes, scale=4, ignore=sample.ignore,
