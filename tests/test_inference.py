@@ -397,6 +397,21 @@ def test_eval_script_as_typed_names_the_missing_data_and_the_fix(tmp_path):
     assert "Expected layout:\n<data_dir>/\n  refer_seg/" in r.stderr  # as lines, not a repr's escapes
 
 
+def test_eval_script_multirun_writes_each_split_where_the_tables_read_it(workspace, tmp_path):
+    """README: Table 2's evaluations as a Hydra multirun over datasets and splits, each in its own folder."""
+    from sam4mllm.tables import collect
+
+    r = subprocess.run([sys.executable, "scripts/eval.py", "-m", workspace.base[0], f"paths.output_dir={tmp_path}",
+                        "dataset=synthetic,synthetic_gres", "split=val,testA", "checkpoint=null",
+                        "eval.max_new_tokens=4", "eval.overlays=0", "progress=false"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = collect(tmp_path / "eval")
+    assert sorted((d, s) for _, d, s, _ in runs) == [(d, s) for d in ("synthetic", "synthetic_gres")
+                                                     for s in ("testA", "val")]
+    assert all(m["n"] > 0 and m["invalid_rate"] == 1.0 for m in runs.values())  # 4 tokens cut every answer
+
+
 def test_evaluation_that_failed_before_its_first_sample_reruns_with_the_fix(workspace, tmp_path):
     """A mistyped model path leaves a header-only shard; the corrected command must not be refused."""
     out = tmp_path / "ev"
