@@ -34,10 +34,10 @@ from sam4mllm import CONFIG_DIR
 from sam4mllm.config import build
 from sam4mllm.data import build_dataset
 from sam4mllm.data.synthetic import generate_synthetic
-from sam4mllm.evaluate import MERGED, evaluate, pqpp_config, resegment, rethreshold, said_no_target
+from sam4mllm.evaluate import MERGED, evaluate, pqpp_config, resegment, rethreshold
 from sam4mllm.inference import PQPPConfig, SegmentResult, sample_points, segment_targets
 from sam4mllm.labels import generate_labels, pixels_in_box
-from sam4mllm.metrics import SegmentationMeter
+from sam4mllm.metrics import SegmentationMeter, said_no_target
 from sam4mllm.report import markdown_table
 from sam4mllm.shards import read_shard
 

@@ -31,7 +31,7 @@ from sam4mllm.data import build_dataset
 from sam4mllm.data.masks import decode_segmentation, encode_rle
 from sam4mllm.device import config_on_device
 from sam4mllm.inference import PQPPConfig, Sam4MLLM, segment_targets
-from sam4mllm.metrics import SegmentationMeter, VQAMeter, score_sample
+from sam4mllm.metrics import SegmentationMeter, VQAMeter, said_no_target, score_sample
 from sam4mllm.report import markdown_table
 from sam4mllm.shards import (
     ShardWriter,
@@ -207,14 +207,6 @@ def rescore(predictions: str | Path, dataset_cfg: Any) -> dict[str, Any]:
     out["seconds_per_sample"] = float(np.mean(times)) if times else None
     out["points"], out["points_right"] = points, right / points if points else None
     return out
-
-
-def said_no_target(answered: Any, task: str) -> bool | None:
-    """What a prediction that ``answered`` (truthy) the no-target answer predicts, for
-    :func:`score_sample`: gRefCOCO scores that answer (GRES official code), not an empty mask, so an
-    unparseable answer or a box whose mask came out empty is not "no target". Other tasks: ``None``
-    (the mask decides, LISA convention)."""
-    return bool(answered) if task == "gres" else None
 
 
 def _compare_official(metrics: dict[str, Any], dataset_cfg: Any) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -68,6 +69,14 @@ def score_sample(pred: np.ndarray | None, gt: np.ndarray | None, ignore: np.ndar
         keep = ~ignore.astype(bool)
         p, g = p & keep, g & keep
     return SampleScore(int((p & g).sum()), int((p | g).sum()), gt_empty, said_none)
+
+
+def said_no_target(answered: Any, task: str) -> bool | None:
+    """What a prediction that ``answered`` (truthy) the no-target answer predicts, for
+    :func:`score_sample`: gRefCOCO scores that answer (GRES official code), not an empty mask, so an
+    unparseable answer or a box whose mask came out empty is not "no target". Other tasks: ``None``
+    (the mask decides, LISA convention)."""
+    return bool(answered) if task == "gres" else None
 
 
 @dataclass
