@@ -43,9 +43,10 @@ class Embeds:
     def __init__(self) -> None:
         self.segmenter = GrabCutSegmenter()
 
-    def segment(self, image: np.ndarray, expression: str, task: str = "res") -> SegmentResult:
-        self.segmenter.set_image(image)
-        return SegmentResult([], np.zeros((0, 4)), text="No object found.", no_target=True)
+    def segment_many(self, items: list[tuple[np.ndarray, str, str]]) -> list[SegmentResult]:
+        for image, _, _ in items:
+            self.segmenter.set_image(image)
+        return [SegmentResult([], np.zeros((0, 4)), text="No object found.", no_target=True) for _ in items]
 
 
 def _run(data_dir: Path, out: Path, shards: int) -> tuple[float, int, int, bytes]:

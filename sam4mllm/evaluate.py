@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,18 +89,17 @@ def _header(cfg: Any, split: str, data: str) -> dict[str, Any]:
             "dataset": cfg.dataset.name, "split": split, "task": cfg.dataset.task, **threshold}
 
 
-def predict_sample(predictor: Any, sample: Any) -> dict[str, Any]:
-    """One prediction record (JSON-able)."""
-    if sample.task == "vqa":
-        text, prefix = predictor.generate(_vqa_question(sample.expression), sample.image)
-        return {"answer": text.strip(), "valid": True, "truncated": prefix.truncated}
-    r = predictor.segment(sample.image, sample.expression, sample.task)
-    return {
+def predict_samples(predictor: Any, samples: Sequence[Any]) -> list[dict[str, Any]]:
+    """Prediction records (JSON-able) of samples of one dataset, their round 1 generated as one batch."""
+    if samples and samples[0].task == "vqa":
+        answers = predictor.generate_many([_vqa_question(s.expression) for s in samples], [s.image for s in samples])
+        return [{"answer": text.strip(), "valid": True, "truncated": prefix.truncated} for text, prefix in answers]
+    return [{
         "text": r.text, "valid": r.valid, "reason": r.reason, "no_target": r.no_target, "truncated": r.truncated,
         "masks": [encode_rle(m) for m in r.masks], "boxes": np.asarray(r.boxes).tolist(),
         "points": [p.tolist() for p in r.points], "labels": [lb.tolist() for lb in r.labels],
         "confidences": [c.tolist() for c in r.confidences], "timings": r.timings,
-    }
+    } for r in predictor.segment_many([(s.image, s.expression, s.task) for s in samples])]
 
 
 def _vqa_question(question: str) -> str:
@@ -120,6 +119,8 @@ def evaluate(cfg: Any, predictor: Any = None) -> dict[str, Any] | None:
     if sweep and (cfg.variant != "pqpp" or min(sweep) < floor):  # before hours of evaluating
         raise ValueError(f"eval.rethreshold={list(sweep)} re-segments PQPP's answers: it needs variant=pqpp and "
                          f"thresholds >= eval.pqpp's thresholds ({floor}), got variant={cfg.variant}")
+    if cfg.eval.batch_size < 1:
+        raise ValueError(f"eval.batch_size={cfg.eval.batch_size}: sentences per round-1 batch must be >= 1")
     split = cfg.split or cfg.dataset.split
     ds = build_dataset(cfg.dataset, split)  # missing data fails here, before any model loads
     out_dir = Path(cfg.out_dir)
@@ -135,12 +136,17 @@ def evaluate(cfg: Any, predictor: Any = None) -> dict[str, Any] | None:
             log.info("%s: retrying %d samples whose data could not be read before", w.path, w.retried)
         bar = tqdm(todo, desc=f"eval {cfg.dataset.name}/{split} [{index + 1}/{count}]", unit="sample",
                    initial=len(mine) - len(todo), total=len(mine), disable=not cfg.progress)
+        batch: list[tuple[int, Any]] = []
         for i, sample in ds.samples(bar):
             if isinstance(sample, Exception):
                 w.write({"key": str(i), "index": i, "error": f"{type(sample).__name__}: {sample}", "valid": False})
                 continue
-            predictor = predictor or build_predictor(cfg)  # not before: a resume may find nothing readable to do
-            w.write({"key": str(i), "index": i, **predict_sample(predictor, sample), "sample_id": sample.sample_id})
+            batch.append((i, sample))
+            if len(batch) == cfg.eval.batch_size:
+                predictor = predictor or build_predictor(cfg)  # not before: a resume may find nothing readable
+                _write_batch(w, predictor, batch)
+        if batch:
+            _write_batch(w, predictor or build_predictor(cfg), batch)
     merged = merge_shards(out_dir, count, len(ds), header, MERGED)
     if merged is None:
         return None
@@ -149,6 +155,13 @@ def evaluate(cfg: Any, predictor: Any = None) -> dict[str, Any] | None:
     if cfg.eval.overlays:
         write_overlays(merged, ds, out_dir / "overlays", cfg.eval.overlays)
     return metrics
+
+
+def _write_batch(w: ShardWriter, predictor: Any, batch: list[tuple[int, Any]]) -> None:
+    records = predict_samples(predictor, [s for _, s in batch])
+    for (i, sample), record in zip(batch, records, strict=True):
+        w.write({"key": str(i), "index": i, **record, "sample_id": sample.sample_id})
+    batch.clear()
 
 
 def predicted_mask(record: dict[str, Any], size: tuple[int, int]) -> np.ndarray | None:

@@ -21,7 +21,7 @@ import copy
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -198,17 +198,61 @@ class Sam4MLLM:
         """Greedy answer to one question about the image, and the dialog prefix it leaves behind."""
         self._reset_rope()
         inputs = self._encode(Dialog([(question, "")]), image, open_last=True)
-        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
-                                  do_sample=False,
-                                  eos_token_id=self.adapter.end_id, pad_token_id=self.adapter.pad_id,
-                                  return_dict_in_generate=True, use_cache=True)
-        new = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-        truncated = self.adapter.end_id not in new and len(new) >= self.max_new_tokens
-        if self.adapter.end_id in new:
-            new = new[: new.index(self.adapter.end_id)]
+        out = self._greedy(inputs)
+        text, new, truncated = self._answer(out.sequences[0, inputs["input_ids"].shape[1]:].tolist())
         cache = out.cache if keep_cache else None
-        prefix = Prefix(inputs, inputs["input_ids"][0].tolist() + new, cache, self._rope_deltas(), truncated)
-        return self.adapter.tokenizer.decode(new, skip_special_tokens=False), prefix
+        return text, Prefix(inputs, inputs["input_ids"][0].tolist() + new, cache, self._rope_deltas(), truncated)
+
+    @torch.inference_mode()
+    def generate_many(self, questions: Sequence[str], images: Sequence[np.ndarray], keep_cache: bool = False
+                      ) -> list[tuple[str, Prefix]]:
+        """:meth:`generate` for several questions (one image each) as one left-padded batch.
+
+        Decoding is the costly, sequential part of an evaluation, and a batch decodes its
+        questions together. A batch's cache is padded and not kept: fast point scoring
+        encodes a prefix again when it needs its cache (:meth:`with_cache`).
+        """
+        if len(questions) <= 1 or not self.adapter.batch_generation:
+            return [self.generate(q, im, keep_cache) for q, im in zip(questions, images, strict=True)]
+        self._reset_rope()
+        texts = [self.adapter.render(Dialog([(q, "")]), with_last_answer=False) for q in questions]
+        batch = {k: v.to(self._device) for k, v in self.adapter.model_inputs_batch(texts, images).items()}
+        rows = self._greedy(batch).sequences[:, batch["input_ids"].shape[1]:].tolist()
+        results = []
+        for q, im, row in zip(questions, images, rows, strict=True):
+            text, new, truncated = self._answer(row)
+            inputs = self._encode(Dialog([(q, "")]), im, open_last=True)
+            results.append((text, Prefix(inputs, inputs["input_ids"][0].tolist() + new, truncated=truncated)))
+        return results
+
+    @torch.inference_mode()
+    def with_cache(self, prefix: Prefix) -> Prefix:
+        """``prefix`` with the KV cache of its tokens, built as generation builds it: the prompt
+        (image included) in one forward, then the answer's tokens after it as text (a garbage
+        answer may hold image-token ids, which a single forward would take for image tokens)."""
+        self._reset_rope()
+        n = prefix.inputs["input_ids"].shape[1]
+        cache = self.model(**prefix.inputs, use_cache=True).cache
+        rope, new, dev = self._rope_deltas(), prefix.ids[n:], self._device
+        if new:
+            pos = torch.arange(n, n + len(new))[None]
+            if rope is not None:  # Qwen-VL's 3-D rotary positions: text after the image is offset
+                pos = (pos + rope.cpu()[:1]).unsqueeze(0).expand(3, -1, -1)
+            self.model(input_ids=torch.tensor([new], device=dev), attention_mask=torch.ones(1, n + len(new), device=dev,
+                       dtype=torch.long), position_ids=pos.to(dev), cache=cache, use_cache=True)  # extends cache
+        return replace(prefix, cache=cache, rope_deltas=rope)
+
+    def _greedy(self, inputs: dict[str, torch.Tensor]) -> Any:
+        return self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
+                                   do_sample=False, eos_token_id=self.adapter.end_id, pad_token_id=self.adapter.pad_id,
+                                   return_dict_in_generate=True, use_cache=True)
+
+    def _answer(self, new: list[int]) -> tuple[str, list[int], bool]:
+        """``(text, ids, truncated)`` of a generated row: cut at its end token (a batch pads after it)."""
+        end = self.adapter.end_id
+        truncated = end not in new and len(new) >= self.max_new_tokens
+        new = new[: new.index(end)] if end in new else new
+        return self.adapter.tokenizer.decode(new, skip_special_tokens=False), new, truncated
 
     def _parse(self, text: str, size: tuple[int, int]) -> ParseResult:
         return self.adapter.fmt.parse(text, limits=self.adapter.coord_system().limits(size))
@@ -286,17 +330,12 @@ class Sam4MLLM:
             shared, conts = self._continuations(prefix, questions, n_prompt, split=False)
             rows = []
             for cont in conts:
-                ids = torch.tensor([prefix.ids[:n_prompt] + shared + cont], device=self._device)
-                inputs = {k: v for k, v in prefix.inputs.items() if k not in _PER_TOKEN}
-                extra = ids.shape[1] - n_prompt
-                if "mm_token_type_ids" in prefix.inputs:
-                    inputs["mm_token_type_ids"] = torch.nn.functional.pad(prefix.inputs["mm_token_type_ids"],
-                                                                          (0, extra))
                 self._reset_rope()
-                rows.append(self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs).logits[0, -1])
+                inputs = self.adapter.extend_inputs(prefix.inputs, prefix.ids[:n_prompt] + shared + cont)
+                rows.append(self.model(**inputs).logits[0, -1])
             return self._yes_no(torch.stack(rows))
         if prefix.cache is None:
-            raise ValueError("fast scoring needs a prefix built with its cache")
+            prefix = self.with_cache(prefix)
         attn_impl = self.model.config._attn_implementation
         if attn_impl not in ("sdpa", "eager"):
             raise ValueError(f"fast PQPP scoring passes a custom 4-D attention mask, which {attn_impl!r} does not "
@@ -348,19 +387,33 @@ class Sam4MLLM:
     # --------------------------------------------------------------- public
     def segment(self, image: np.ndarray, expression: str, task: str = "res") -> SegmentResult:
         """Masks (one per target, none for no target), boxes, points, raw text and validity."""
-        size = (int(image.shape[0]), int(image.shape[1]))
-        t = {"start": time.perf_counter()}
+        return self.segment_many([(image, expression, task)])[0]
+
+    def segment_many(self, items: Sequence[tuple[np.ndarray, str, str]]) -> list[SegmentResult]:
+        """:meth:`segment` for several ``(image, expression, task)``, round 1 generated as one batch.
+
+        Each result's round-1 timing is its share of the batch's.
+        """
+        start = time.perf_counter()
         if self.variant == "ppg":
-            question = ppg_dialog(expression, [], task, self.adapter.fmt).turns[0][0]
+            questions = [ppg_dialog(expr, [], task, self.adapter.fmt).turns[0][0] for _, expr, task in items]
         else:
-            question = box_question(expression, task)
+            questions = [box_question(expr, task) for _, expr, task in items]
         fast = self.variant == "pqpp" and self.pqpp.mode == "per_point" and self.pqpp.fast
-        text, prefix = self.generate(question, image, keep_cache=fast)
-        t["round1"] = time.perf_counter()
+        answers = self.generate_many(questions, [image for image, _, _ in items], keep_cache=fast)
+        share = (time.perf_counter() - start) / max(len(items), 1)
+        return [self._from_round1(image, expr, question, text, prefix, share)
+                for (image, expr, _), question, (text, prefix) in zip(items, questions, answers, strict=True)]
+
+    def _from_round1(self, image: np.ndarray, expression: str, question: str, text: str, prefix: Prefix,
+                     round1: float) -> SegmentResult:
+        """The rest of :meth:`segment` once round 1 has answered ``text``."""
+        size = (int(image.shape[0]), int(image.shape[1]))
+        start = time.perf_counter()
         parsed = self._parse(text, size)
         if not parsed.valid or parsed.no_target:
             return SegmentResult([], np.zeros((0, 4)), text=text, valid=parsed.valid, reason=parsed.reason,
-                                 no_target=parsed.no_target, timings={"total": t["round1"] - t["start"]},
+                                 no_target=parsed.no_target, timings={"total": round1},
                                  truncated=prefix.truncated)
         boxes = np.stack([self._to_pixels(tg.box, size) for tg in parsed.targets])
         points, labels, confs = [], [], []
@@ -386,11 +439,10 @@ class Sam4MLLM:
                 points.append(pts_px[keep].astype(float))
                 labels.append(inside[keep].astype(np.int64))
                 confs.append(conf[keep])
-        t["round2"] = time.perf_counter()
+        round2 = time.perf_counter()
         self.segmenter.set_image(image)  # cached: a no-op when this image is already embedded
         masks = segment_targets(self.segmenter, boxes, points, labels)
-        t["sam"] = time.perf_counter()
-        timings = {"round1": t["round1"] - t["start"], "round2": t["round2"] - t["round1"],
-                   "sam": t["sam"] - t["round2"], "total": t["sam"] - t["start"]}
+        end = time.perf_counter()
+        timings = {"round1": round1, "round2": round2 - start, "sam": end - round2, "total": round1 + end - start}
         return SegmentResult(masks, boxes, points, labels, confs, text, True, parsed.reason, False, timings,
                              prefix.truncated)

@@ -52,6 +52,30 @@ def test_fast_pqpp_equals_one_forward_per_point(workspace, family):
         assert np.all(fy + fn <= 1 + 1e-6) and fy.std() > 0  # real, point-dependent probabilities
 
 
+@pytest.mark.parametrize("family", ["qwen2vl", "qwen2_5vl", "qwen3vl", "llava_next"])
+def test_a_batch_of_sentences_answers_as_each_asked_alone(workspace, family):
+    """Round 1 generated as one left-padded batch (images of other sizes, questions of other
+    lengths) gives each sentence the answer, and the points round the probabilities, it gets alone."""
+    # Wider weights than the test models' (whose greedy answer is one token repeated for any
+    # input on two families), so that a padding mistake would change answers, not one string.
+    cfg = workspace("train", f"model=tiny_{family}", "+exp=pqpp", "++model.tiny.init_std=0.2",
+                    f"model.path={workspace.out}/tiny_models/{family}_std0.2")
+    adapter = instantiate(cfg.model)
+    m = Sam4MLLM(adapter, GrabCutSegmenter(), max_new_tokens=12)
+    rng = np.random.default_rng(2)
+    images = [IMAGE, (rng.random((84, 168, 3)) * 255).astype(np.uint8), IMAGE[:56]]
+    questions = [box_question(e, "res") for e in ("the blue square", "the small red circle left of the tree", "it")]
+    alone = [m.generate(q, im, keep_cache=True) for q, im in zip(questions, images, strict=True)]
+    batch = m.generate_many(questions, images, keep_cache=True)
+    assert len({len(p.inputs["input_ids"][0]) for _, p in alone}) > 1  # the batch was padded
+    pts = rng.integers(0, 999, (6, 2))
+    qs = [point_question(adapter.fmt, (10, 20, 500, 600), Point(int(x), int(y))) for x, y in pts]
+    for (text, prefix), (b_text, b_prefix) in zip(alone, batch, strict=True):
+        assert (b_text, b_prefix.ids, b_prefix.truncated) == (text, prefix.ids, prefix.truncated)
+        np.testing.assert_allclose(m.score_points(b_prefix, qs), m.score_points(prefix, qs), atol=1e-4)
+    assert len({t for t, _ in alone}) > 1  # answers that depend on the sentence, not one string
+
+
 def test_sample_points_grid_random_and_fixed():
     box = np.array([10.0, 20.0, 60.0, 70.0])
     grid = sample_points(box, (100, 100), PQPPConfig(grid=5), np.random.default_rng(0))
@@ -175,7 +199,10 @@ def _run(cfg, oracle):
                 continue
 
     class Feed:
-        def segment(self, image, expression, task="res"):
+        def segment_many(self, items):
+            return [self._one(image, expression, task) for image, expression, task in items]
+
+        def _one(self, image, expression, task):
             oracle.current = next(s for s in readable()
                                   if s.expression == expression and np.array_equal(s.image, image))
             return oracle.segment(image, expression, task)
@@ -186,7 +213,8 @@ def _run(cfg, oracle):
 def test_evaluator_scores_oracle_perfectly_and_counts_invalid(workspace, tmp_path):
     m = _run(_eval_cfg(workspace, tmp_path / "a", "dataset=synthetic_gres"), Oracle())
     assert m["cIoU"] == 1.0 and m["gIoU"] == 1.0 and m["N-acc"] == 1.0 and m["invalid_rate"] == 0.0
-    m2 = _run(_eval_cfg(workspace, tmp_path / "b", "dataset=synthetic_gres"), Oracle(garbage_every=4))
+    m2 = _run(_eval_cfg(workspace, tmp_path / "b", "dataset=synthetic_gres", "eval.batch_size=3"),
+              Oracle(garbage_every=4))
     ds = build_dataset(_eval_cfg(workspace, tmp_path / "b", "dataset=synthetic_gres").dataset, "val")
     n_bad = sum(len(r["expression"]) % 4 == 0 for r in ds.records)
     assert n_bad > 0 and m2["invalid_rate"] == pytest.approx(n_bad / m2["n"]) and m2["gIoU"] < 1.0
@@ -198,6 +226,20 @@ def test_evaluator_scores_oracle_perfectly_and_counts_invalid(workspace, tmp_pat
     assert m2 == rescore(tmp_path / "b" / "predictions.jsonl", _eval_cfg(workspace, tmp_path / "b",
                                                                           "dataset=synthetic_gres").dataset)
     assert len(list((tmp_path / "a" / "overlays").glob("*.png"))) == 8
+
+
+def test_evaluation_in_batches_writes_what_one_sentence_at_a_time_writes(workspace, tmp_path):
+    model = ("++model.tiny.init_std=0.2", f"model.path={workspace.out}/tiny_models/qwen2vl_std0.2",
+             "eval.max_new_tokens=8", "eval.overlays=0")
+    records = {}
+    for b in (1, 4):
+        evaluate(_eval_cfg(workspace, tmp_path / str(b), f"eval.batch_size={b}", *model))
+        _, rows = read_shard(tmp_path / str(b) / "predictions.jsonl")
+        records[b] = [{k: v for k, v in r.items() if k != "timings"} for r in rows]
+    assert len(records[1]) % 4 and records[4] == records[1]  # a last, shorter batch too
+    assert len({r["text"] for r in records[1]}) > len(records[1]) // 2  # answers of their own
+    with pytest.raises(ValueError, match=r"eval\.batch_size=0"):
+        evaluate(_eval_cfg(workspace, tmp_path / "0", "eval.batch_size=0", *model))
 
 
 def test_overlays_show_the_ground_truth_beside_the_prediction_and_its_iou(tmp_path):
@@ -310,9 +352,10 @@ def test_shards_get_whole_images_so_each_is_read_and_embedded_once(workspace, tm
     segmenter = GrabCutSegmenter()
 
     class Embeds:  # what Sam4MLLM.segment does with the segmenter: embed the image, then prompt it
-        def segment(self, image, expression, task="res"):
-            segmenter.set_image(image)
-            return SegmentResult([], np.zeros((0, 4)), text="No object found.", no_target=True)
+        def segment_many(self, items):
+            for image, _, _ in items:
+                segmenter.set_image(image)
+            return [SegmentResult([], np.zeros((0, 4)), text="No object found.", no_target=True) for _ in items]
 
     per_shard = []
     for i in range(3):
@@ -559,7 +602,7 @@ def test_paper_tables_put_ours_next_to_the_paper(tmp_path):
 def test_vqa_evaluation_uses_the_official_accuracy(workspace, tmp_path):
     from sam4mllm.metrics import vqa_accuracy
 
-    cfg = _eval_cfg(workspace, tmp_path / "vqa", "dataset=synthetic_vqa")
+    cfg = _eval_cfg(workspace, tmp_path / "vqa", "dataset=synthetic_vqa", "eval.batch_size=4")
     ds = build_dataset(cfg.dataset, cfg.split)
 
     from sam4mllm.sam.base import image_digest
@@ -569,11 +612,11 @@ def test_vqa_evaluation_uses_the_official_accuracy(workspace, tmp_path):
     lookup = {(ds[i].expression, image_digest(ds[i].image)): a for i, a in enumerate(given)}
 
     class Answers:
-        def generate(self, question, image, keep_cache=False):
+        def generate_many(self, questions, images):
             from sam4mllm.inference import Prefix
 
-            answer = lookup[(question.split("\n")[0], image_digest(image))]
-            return answer, Prefix({}, [], truncated=answer == "zebra")  # as if the budget had cut it
+            answers = [lookup[(q.split("\n")[0], image_digest(im))] for q, im in zip(questions, images, strict=True)]
+            return [(a, Prefix({}, [], truncated=a == "zebra")) for a in answers]  # as if the budget had cut it
 
     m = evaluate(cfg, Answers())
     expected = 100 * np.mean([vqa_accuracy(a, r["answers"]) for a, r in zip(given, ds.records, strict=True)])

@@ -110,6 +110,8 @@ class Adapter:
             ``max_length``); ``None`` keeps the folder's setting.
     """
 
+    batch_generation = True  # model_inputs_batch + left-padded generate (the predictor's round 1)
+
     def __init__(self, family: str, path: str | Path, dtype: str = "float32", device: str = "auto",
                  trust_remote_code: bool = False, max_length: int = 2048, prompt_format: str | None = None,
                  attn_implementation: str | None = None, max_pixels: int | None = None) -> None:
@@ -198,6 +200,22 @@ class Adapter:
         """Processor outputs (ids with image tokens expanded, pixels, grid sizes) for one text + image."""
         return dict(self.processor(text=[text], images=[image], return_tensors="pt"))
 
+    def model_inputs_batch(self, texts: Sequence[str], images: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+        """Processor outputs for several texts, one image each, left-padded for batched generation."""
+        return dict(self.processor(text=list(texts), images=list(images), padding=True, padding_side="left",
+                                   return_tensors="pt"))
+
+    @staticmethod
+    def extend_inputs(inputs: dict[str, torch.Tensor], ids: Sequence[int]) -> dict[str, torch.Tensor]:
+        """One sample's ``inputs`` with its token ids replaced by ``ids``, which continue them with
+        text: the other per-token fields are extended over the new tokens (attended, not image)."""
+        n = len(ids) - inputs["input_ids"].shape[1]
+        out = dict(inputs, input_ids=torch.tensor([list(ids)], device=inputs["input_ids"].device))
+        for k in ("attention_mask", "mm_token_type_ids", "token_type_ids"):
+            if k in inputs:
+                out[k] = torch.nn.functional.pad(inputs[k], (0, n), value=int(k == "attention_mask"))
+        return out
+
     def answer_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """True on assistant answer tokens and their closing token: where the loss falls."""
         ids, h = input_ids.tolist(), self.header_ids
@@ -274,12 +292,8 @@ class Adapter:
                 branch += [-1] * len(shared) + [k] * len(piece)
             if not fits:
                 break
-        n = len(ids) - inputs["input_ids"].shape[1]
-        t = torch.tensor([ids])
-        for k in ("attention_mask", "mm_token_type_ids", "token_type_ids"):
-            if k in inputs:
-                inputs[k] = torch.nn.functional.pad(inputs[k], (0, n), value=int(k == "attention_mask"))
-        inputs["input_ids"] = t
+        inputs = self.extend_inputs(inputs, ids)
+        t = inputs["input_ids"]
         labels = torch.where(self.answer_mask(t[0]), t[0], torch.full_like(t[0], IGNORE_INDEX))
         kept = len({(g, b) for g, b in zip(group, branch, strict=True) if b >= 0})
         return Encoded(inputs, labels[None], dropped_turns=n_turns - kept, tree=torch.tensor([group, branch]))
@@ -343,6 +357,7 @@ class QwenVLChatAdapter(Adapter):
     """
 
     IMAGE_PLACEHOLDER = "<|sam4mllm_image|>"
+    batch_generation = False  # its remote code's left-padded generation is untested: one sentence at a time
     # Far more than one forward reads: a micro-batch's images are written just before its forward.
     KEEP_IMAGES = 256
 
