@@ -10,7 +10,7 @@ for B rows than for one; on a GPU with a 7B model the same holds for a batch of 
 steps, but that was not measured here.
 
 A batch's cache is padded and not kept, so a sentence whose box parses has its prefix
-encoded again for PQPP's points round (``Sam4MLLM.with_cache``): that cost is printed too.
+encoded again for PQPP's points round (``Sam4MLLM.fill_cache``): that cost is printed too.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def main() -> None:
         prefixes = [prefix for _, prefix in answers]
         t = time.perf_counter()
         for prefix in prefixes:
-            m.with_cache(prefix)
+            m.fill_cache(prefix)
         per = (time.perf_counter() - t) / len(prefixes)
         print(f"  a batched answer's prefix encoded again for the points round: {1000 * per:.1f} ms per sentence "
               f"(batch 1: {1000 / base:.1f} ms per sentence for round 1)")

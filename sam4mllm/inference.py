@@ -21,7 +21,7 @@ import copy
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -210,7 +210,7 @@ class Sam4MLLM:
 
         Decoding is the costly, sequential part of an evaluation, and a batch decodes its
         questions together. A batch's cache is padded and not kept: fast point scoring
-        encodes a prefix again when it needs its cache (:meth:`with_cache`).
+        encodes a prefix again when it needs its cache (:meth:`fill_cache`).
         """
         if len(questions) <= 1 or not self.adapter.batch_generation:
             return [self.generate(q, im, keep_cache) for q, im in zip(questions, images, strict=True)]
@@ -226,10 +226,13 @@ class Sam4MLLM:
         return results
 
     @torch.inference_mode()
-    def with_cache(self, prefix: Prefix) -> Prefix:
-        """``prefix`` with the KV cache of its tokens, built as generation builds it: the prompt
-        (image included) in one forward, then the answer's tokens after it as text (a garbage
-        answer may hold image-token ids, which a single forward would take for image tokens)."""
+    def fill_cache(self, prefix: Prefix) -> Prefix:
+        """Give ``prefix`` the KV cache of its tokens, in place (every box of an answer reuses it).
+
+        Built as generation builds it: the prompt (image included) in one forward, then the
+        answer's tokens after it as text (a garbage answer may hold image-token ids, which
+        a single forward would take for image tokens).
+        """
         self._reset_rope()
         n = prefix.inputs["input_ids"].shape[1]
         cache = self.model(**prefix.inputs, use_cache=True).cache
@@ -240,7 +243,8 @@ class Sam4MLLM:
                 pos = (pos + rope.cpu()[:1]).unsqueeze(0).expand(3, -1, -1)
             self.model(input_ids=torch.tensor([new], device=dev), attention_mask=torch.ones(1, n + len(new), device=dev,
                        dtype=torch.long), position_ids=pos.to(dev), cache=cache, use_cache=True)  # extends cache
-        return replace(prefix, cache=cache, rope_deltas=rope)
+        prefix.cache, prefix.rope_deltas = cache, rope
+        return prefix
 
     def _greedy(self, inputs: dict[str, torch.Tensor]) -> Any:
         return self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
@@ -335,7 +339,7 @@ class Sam4MLLM:
                 rows.append(self.model(**inputs).logits[0, -1])
             return self._yes_no(torch.stack(rows))
         if prefix.cache is None:
-            prefix = self.with_cache(prefix)
+            self.fill_cache(prefix)  # a batched round 1 keeps none
         attn_impl = self.model.config._attn_implementation
         if attn_impl not in ("sdpa", "eager"):
             raise ValueError(f"fast PQPP scoring passes a custom 4-D attention mask, which {attn_impl!r} does not "
