@@ -415,6 +415,9 @@ class Sam4MLLM:
         size = (int(image.shape[0]), int(image.shape[1]))
         start = time.perf_counter()
         parsed = self._parse(text, size)
+        if parsed.valid and self.adapter.image_token_ids.intersection(prefix.ids[prefix.inputs["input_ids"].shape[1]:]):
+            # Round 2 reads the answer back with the image, which would take the token for one of its own.
+            parsed = ParseResult(reason="an image placeholder token in the answer")
         if not parsed.valid or parsed.no_target:
             return SegmentResult([], np.zeros((0, 4)), text=text, valid=parsed.valid, reason=parsed.reason,
                                  no_target=parsed.no_target, timings={"total": round1},

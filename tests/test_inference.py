@@ -162,6 +162,29 @@ def test_an_answer_that_reaches_the_token_budget_is_flagged(adapter, monkeypatch
     assert not m.generate(box_question("x", "res"), IMAGE)[1].truncated and not m.segment(IMAGE, "x").truncated
 
 
+def test_an_answer_holding_an_image_token_is_counted_invalid_not_a_crash(adapter):
+    """The points round reads round 1's answer back with the image (in every mode but the fast one
+    over generate's own cache), which takes a stray image-placeholder token for one of the image's."""
+    from sam4mllm.inference import Prefix
+
+    class Answers(Sam4MLLM):
+        text = ""
+
+        def generate(self, question, image, keep_cache=False):
+            inputs = self._encode(Dialog([(question, "")]), image, open_last=True)
+            new = self.adapter.tokenizer.encode(self.text, add_special_tokens=False)
+            return self.text, Prefix(inputs, inputs["input_ids"][0].tolist() + new)
+
+    box = "<|box_start|>(280,180),(820,620)<|box_end|>"
+    for pqpp in (PQPPConfig(fast=False), PQPPConfig(mode="joint"), PQPPConfig()):
+        m = Answers(adapter, GrabCutSegmenter(), "pqpp", pqpp)
+        m.text = "<|image_pad|>" + box
+        r = m.segment(_flat_image(), "the red rectangle")
+        assert not r.valid and r.reason == "an image placeholder token in the answer" and not r.masks
+        m.text = box
+        assert m.segment(_flat_image(), "the red rectangle").valid
+
+
 def test_invalid_and_no_target_answers(adapter):
     bad = Scripted(adapter, "pqpp", "I think it is the red one")
     r = bad.segment(_flat_image(), "x")

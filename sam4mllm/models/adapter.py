@@ -166,6 +166,12 @@ class Adapter:
             raise ValueError(f"{self.family}: {text!r} is {len(ids)} tokens in this tokenizer; it must be one")
         return int(ids[0])
 
+    @property
+    def image_token_ids(self) -> frozenset[int]:
+        """Ids the processor and model take for image (or video) placeholders."""
+        ids = (getattr(self.processor, a, None) for a in ("image_token_id", "video_token_id"))
+        return frozenset(i for i in ids if i is not None)
+
     # ------------------------------------------------------------- coordinates
     def coord_system(self) -> CoordSystem:
         """The integer coordinate system the backbone writes boxes in."""
