@@ -209,8 +209,10 @@ class Sam4MLLM:
         """:meth:`generate` for several questions (one image each) as one left-padded batch.
 
         Decoding is the costly, sequential part of an evaluation, and a batch decodes its
-        questions together. A batch's cache is padded and not kept: fast point scoring
-        encodes a prefix again when it needs its cache (:meth:`fill_cache`).
+        questions together. ``keep_cache``: the prefixes will be scored (PQPP's points
+        round). A batch's cache is padded and not kept, so each such prefix gets its own
+        model inputs (its image processed again) and :meth:`fill_cache` encodes it when
+        scored; the other prefixes hold only their prompt's ids.
         """
         if len(questions) <= 1 or not self.adapter.batch_generation:
             return [self.generate(q, im, keep_cache) for q, im in zip(questions, images, strict=True)]
@@ -219,9 +221,10 @@ class Sam4MLLM:
         batch = {k: v.to(self._device) for k, v in self.adapter.model_inputs_batch(texts, images).items()}
         rows = self._greedy(batch).sequences[:, batch["input_ids"].shape[1]:].tolist()
         results = []
-        for q, im, row in zip(questions, images, rows, strict=True):
+        for i, (q, im, row) in enumerate(zip(questions, images, rows, strict=True)):
             text, new, truncated = self._answer(row)
-            inputs = self._encode(Dialog([(q, "")]), im, open_last=True)
+            prompt = batch["input_ids"][i, batch["attention_mask"][i].bool()][None]  # padding cut off
+            inputs = self._encode(Dialog([(q, "")]), im, open_last=True) if keep_cache else {"input_ids": prompt}
             results.append((text, Prefix(inputs, inputs["input_ids"][0].tolist() + new, truncated=truncated)))
         return results
 
@@ -403,8 +406,8 @@ class Sam4MLLM:
             questions = [ppg_dialog(expr, [], task, self.adapter.fmt).turns[0][0] for _, expr, task in items]
         else:
             questions = [box_question(expr, task) for _, expr, task in items]
-        fast = self.variant == "pqpp" and self.pqpp.mode == "per_point" and self.pqpp.fast
-        answers = self.generate_many(questions, [image for image, _, _ in items], keep_cache=fast)
+        scored = self.variant == "pqpp" and self.pqpp.mode == "per_point"  # round 2 reads the prefix
+        answers = self.generate_many(questions, [image for image, _, _ in items], keep_cache=scored)
         share = (time.perf_counter() - start) / max(len(items), 1)
         return [self._from_round1(image, expr, question, text, prefix, share)
                 for (image, expr, _), question, (text, prefix) in zip(items, questions, answers, strict=True)]

@@ -68,6 +68,8 @@ def test_a_batch_of_sentences_answers_as_each_asked_alone(workspace, family):
     alone = [m.generate(q, im, keep_cache=True) for q, im in zip(questions, images, strict=True)]
     batch = m.generate_many(questions, images, keep_cache=True)
     assert len({len(p.inputs["input_ids"][0]) for _, p in alone}) > 1  # the batch was padded
+    unscored = m.generate_many(questions, images)  # prompt ids cut from the batch, not processed again
+    assert [(t, p.ids, p.truncated) for t, p in unscored] == [(t, p.ids, p.truncated) for t, p in alone]
     pts = rng.integers(0, 999, (6, 2))
     qs = [point_question(adapter.fmt, (10, 20, 500, 600), Point(int(x), int(y))) for x, y in pts]
     for (text, prefix), (b_text, b_prefix) in zip(alone, batch, strict=True):
