@@ -34,8 +34,9 @@ def test_7b_qwen2vl_lora_r256_step_fits_and_runs():
 
 
 def test_model_and_points_round_on_cuda_answer_as_on_the_cpu(workspace):
-    """`model.device=auto` puts the MLLM on the GPU; its greedy box answer, and P(Yes)/P(No) of
-    the points round (fast shared-prefix and one forward per point), match the CPU's."""
+    """`model.device=auto` puts the MLLM on the GPU; its greedy box answers (one question, and a
+    left-padded batch of two), and P(Yes)/P(No) of the points round (fast shared-prefix and one
+    forward per point; after the batch, from its re-encoded prefix), match the CPU's."""
     from sam4mllm.codec import Point, TargetPrompt
     from sam4mllm.dialogs import Dialog, box_question, point_question
     from sam4mllm.inference import Sam4MLLM
@@ -52,11 +53,14 @@ def test_model_and_points_round_on_cuda_answer_as_on_the_cpu(workspace):
         given = Dialog([(box_question("the red circle", "res"), box)])
         prefix = m.prefix_from_dialog(given, image)
         text, generated = m.generate(box_question("the blue square", "res"), image, keep_cache=True)
+        batch = m.generate_many([box_question("the blue square", "res"), box_question("a red circle", "res")],
+                                [image, image[:56]], keep_cache=True)
         runs[next(adapter.model.parameters()).device.type] = (
-            text, m.score_points(prefix, qs, fast=True), m.score_points(prefix, qs, fast=False),
-            m.score_points(generated, qs, fast=True))
+            [text] + [t for t, _ in batch], m.score_points(prefix, qs, fast=True),
+            m.score_points(prefix, qs, fast=False), m.score_points(generated, qs, fast=True),
+            m.score_points(batch[1][1], qs, fast=True))
     cpu, gpu = runs["cpu"], runs["cuda"]
-    assert gpu[0] == cpu[0]
+    assert gpu[0] == cpu[0] and gpu[0][1] == gpu[0][0]  # the batch's first answer is the one asked alone
     for c, g in zip(cpu[1:], gpu[1:], strict=True):
         np.testing.assert_allclose(g, c, atol=1e-4)
     np.testing.assert_allclose(gpu[1], gpu[2], atol=1e-4)
