@@ -5,9 +5,8 @@
 Random-init tiny Qwen2-VL (speed does not depend on the weights) on 32 sentences of a
 synthetic val split (128-px images), every answer forced to 20 tokens, a box's length.
 Decoding is sequential, one forward per token, so a batch of B sentences takes about as
-many forwards as one sentence. On this CPU a forward of the tiny model costs little more
-for B rows than for one; on a GPU with a 7B model the same holds for a batch of decoding
-steps, but that was not measured here.
+many forwards as one sentence, each forward costing more with B; the printed speed-up is
+the net of the two on this CPU. On a GPU it was not measured.
 
 A batch's cache is padded and not kept, so a sentence whose box parses has its prefix
 encoded again for PQPP's points round (``Sam4MLLM.fill_cache``): that cost is printed too.

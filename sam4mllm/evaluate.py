@@ -145,6 +145,7 @@ def evaluate(cfg: Any, predictor: Any = None) -> dict[str, Any] | None:
             if len(batch) == cfg.eval.batch_size:
                 predictor = predictor or build_predictor(cfg)  # not before: a resume may find nothing readable
                 _write_batch(w, predictor, batch)
+                batch = []
         if batch:
             _write_batch(w, predictor or build_predictor(cfg), batch)
     merged = merge_shards(out_dir, count, len(ds), header, MERGED)
@@ -161,7 +162,6 @@ def _write_batch(w: ShardWriter, predictor: Any, batch: list[tuple[int, Any]]) -
     records = predict_samples(predictor, [s for _, s in batch])
     for (i, sample), record in zip(batch, records, strict=True):
         w.write({"key": str(i), "index": i, **record, "sample_id": sample.sample_id})
-    batch.clear()
 
 
 def predicted_mask(record: dict[str, Any], size: tuple[int, int]) -> np.ndarray | None:

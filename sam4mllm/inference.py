@@ -39,7 +39,11 @@ _PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_id
 @dataclass
 class Prefix:
     """A dialog so far: the prompt's model inputs, every token id up to the end of the last
-    answer's text, and (for fast PQPP) the KV cache of those tokens and the rope offset."""
+    answer's text, and (for fast PQPP) the KV cache of those tokens and the rope offset.
+
+    A batched answer that no later round reads holds its prompt's ``input_ids`` only
+    (:meth:`Sam4MLLM.generate_many`).
+    """
 
     inputs: dict[str, torch.Tensor]
     ids: list[int]
@@ -144,6 +148,17 @@ def _copy_cache(cache: Any) -> Any:
     return copy.deepcopy(cache)
 
 
+def _text_positions(pos: torch.Tensor, rope_deltas: torch.Tensor | None) -> torch.Tensor:
+    """Position ids of text tokens at sequence positions ``pos`` ``(1, L)`` after a cached prompt.
+
+    Qwen-VL's rotary positions are 3-D and the image's are its own, so text after the image
+    runs on offset by the prompt's rope delta; other models take ``pos`` as it is.
+    """
+    if rope_deltas is None:
+        return pos
+    return (pos + rope_deltas.cpu()[:1]).unsqueeze(0).expand(3, -1, -1)
+
+
 def segment_targets(segmenter: Segmenter, boxes: np.ndarray, points: Sequence[np.ndarray],
                     labels: Sequence[np.ndarray]) -> list[np.ndarray]:
     """One mask per target (box + its points) in one segmenter call; shorter point lists are padded with -1."""
@@ -241,9 +256,7 @@ class Sam4MLLM:
         cache = self.model(**prefix.inputs, use_cache=True).cache
         rope, new, dev = self._rope_deltas(), prefix.ids[n:], self._device
         if new:
-            pos = torch.arange(n, n + len(new))[None]
-            if rope is not None:  # Qwen-VL's 3-D rotary positions: text after the image is offset
-                pos = (pos + rope.cpu()[:1]).unsqueeze(0).expand(3, -1, -1)
+            pos = _text_positions(torch.arange(n, n + len(new))[None], rope)
             self.model(input_ids=torch.tensor([new], device=dev), attention_mask=torch.ones(1, n + len(new), device=dev,
                        dtype=torch.long), position_ids=pos.to(dev), cache=cache, use_cache=True)  # extends cache
         prefix.cache, prefix.rope_deltas = cache, rope
@@ -359,9 +372,7 @@ class Sam4MLLM:
         dtype = next(self.model.parameters()).dtype
         mask = torch.zeros(1, 1, len(owner), cached + len(owner), dtype=dtype)
         mask[..., cached:].masked_fill_(~sees, torch.finfo(dtype).min)
-        pos = (cached + sees.sum(-1) - 1)[None]  # each question restarts after the shared text
-        if prefix.rope_deltas is not None:  # Qwen-VL's 3-D rotary positions: text after the image is offset
-            pos = (pos + prefix.rope_deltas.cpu()[:1]).unsqueeze(0).expand(3, -1, -1)
+        pos = _text_positions((cached + sees.sum(-1) - 1)[None], prefix.rope_deltas)  # each restarts after the stem
         dev = self._device
         out = self.model(input_ids=torch.tensor([shared + [t for c in conts for t in c]], device=dev),
                          attention_mask=mask.to(dev), position_ids=pos.to(dev),
