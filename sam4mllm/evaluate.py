@@ -77,11 +77,18 @@ def _checkpoint_stamp(checkpoint: str | None) -> list[tuple[str, int, int]]:
             if p.is_file()]
 
 
+# eval settings that do not change a record: a resume may change them (a smaller batch after
+# running out of GPU memory, more overlays, another sweep). A batch answers as one sentence at a
+# time up to float rounding (README, "Evaluation").
+NOT_PREDICTING = ("name", "batch_size", "overlays", "rethreshold")
+
+
 def _header(cfg: Any, split: str, data: str) -> dict[str, Any]:
+    predicting = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k not in NOT_PREDICTING}
     semantic = {"variant": cfg.variant, "checkpoint": str(cfg.checkpoint),
                 "checkpoint_files": _checkpoint_stamp(cfg.checkpoint), "data": data, "dataset": cfg.dataset.name,
                 "split": split, "model": config_on_device(cfg.model), "sam": config_on_device(cfg.sam),
-                "eval": OmegaConf.to_container(cfg.eval, resolve=True), "seed": cfg.seed}
+                "eval": predicting, "seed": cfg.seed}
     digest = hashlib.sha256(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:16]
     # PQPP records keep only the answers above the thresholds: rethreshold() must know them.
     threshold = _thresholds(pqpp_config(cfg)) if cfg.variant == "pqpp" else {}

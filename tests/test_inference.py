@@ -348,6 +348,25 @@ def test_a_resume_on_the_same_kind_of_device_continues_and_on_another_is_refused
         _run(_eval_cfg(workspace, tmp_path / "out", "model.device=auto"), Oracle())
 
 
+def test_a_killed_evaluation_resumes_with_another_batch_size_overlay_count_or_sweep_but_not_other_settings(
+        workspace, tmp_path):
+    """What does not change a record (eval.batch_size, overlays, the threshold sweep) may change on resume,
+    e.g. a smaller batch after running out of GPU memory; a setting that predicts may not."""
+    done = _run(_eval_cfg(workspace, tmp_path / "once", "eval.overlays=0"), Oracle(garbage_every=3))
+    shard = shard_path(tmp_path / "out", 0, 1)
+    _run(_eval_cfg(workspace, tmp_path / "out", "eval.batch_size=4", "eval.overlays=0"), Oracle(garbage_every=3))
+    lines = shard.read_text().splitlines(keepends=True)
+    shard.write_text("".join(lines[:9]) + lines[9][:20])  # killed after 8 records, mid-line
+    (tmp_path / "out" / "predictions.jsonl").unlink()
+    resumed = ("eval.batch_size=2", "eval.overlays=3", "eval.rethreshold=[0.95]")
+    with pytest.raises(FileExistsError, match="another configuration"):  # round 2's threshold predicts
+        _run(_eval_cfg(workspace, tmp_path / "out", *resumed, "eval.pqpp.threshold=0.8"), Oracle(garbage_every=3))
+    assert _run(_eval_cfg(workspace, tmp_path / "out", *resumed), Oracle(garbage_every=3)) == done
+    assert [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()] == [
+        json.loads(x) for x in (tmp_path / "once" / "predictions.jsonl").read_text().splitlines()]
+    assert len(list((tmp_path / "out" / "overlays").glob("*.png"))) == 3
+
+
 def test_evaluator_resumes_and_shards_merge_to_the_single_process_result(workspace, tmp_path):
     single = _run(_eval_cfg(workspace, tmp_path / "one"), Oracle(garbage_every=3))
     ref = (tmp_path / "one" / "predictions.jsonl").read_bytes()
