@@ -83,13 +83,20 @@ def render_tables(eval_root: str | Path) -> str:
                         ("Table 4: ReasonSeg val (zero-shot)", t4), ("Table 5: VQAv2", t5)):
         rows = [[run, *_row(results, run, run.split("-")[0], cols)] for run in runs]
         out += [f"### {title}", markdown_table(["run", *(f"{d} {s} {m}" for d, s, m in cols)], rows), ""]
-    rows = []
+    rows, shown = [], {(run, ds, split, "default") for run in runs for ds, split, _ in t2 + t3 + t4 + t5}
     # Table 6 ablates PQPP's points round only: a PPG or box-only run has no row there.
     for run in [r for r in runs if r.split("-")[0] == "pqpp"] or ["pqpp-qwenvl"]:
         for name, paper in TABLE6_PAPER.items():
-            m = results.get((run, "refcocog", "val", name)) or {}
-            if not m and name == "default":  # eval=table6a writes the 0.9 row as thr0.9
-                m = results.get((run, "refcocog", "val", "thr0.9"), {})
-            rows.append([run, name, _cell(m, "cIoU", paper)])
+            key = (run, "refcocog", "val", name)
+            if key not in results and name == "default":  # eval=table6a writes the 0.9 row as thr0.9
+                key = (run, "refcocog", "val", "thr0.9")
+            shown.add(key)
+            rows.append([run, name, _cell(results.get(key, {}), "cIoU", paper)])
     out += ["### Table 6: PQPP ablations on refCOCOg val (cIoU)", markdown_table(["run", "setting", "cIoU"], rows)]
+    # Say what was found but fits no cell (the synthetic benchmark, another split or eval setting),
+    # rather than leave a user wondering why a finished evaluation reads "-".
+    hidden = [" ".join(key) for key in results if key not in shown]
+    if hidden:
+        out += ["", f"Evaluations under {eval_root} that no table shows (run, dataset, split, eval):",
+                *(f"- {h}" for h in hidden)]
     return "\n".join(out)

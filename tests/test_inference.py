@@ -629,7 +629,12 @@ def test_paper_tables_put_ours_next_to_the_paper(tmp_path):
     ppg.mkdir(parents=True)
     (ppg / "metrics.json").write_text(json.dumps({"dataset": "refcocog", "split": "val", "variant": "ppg",
                                                   "cIoU": 0.4567, "n": 4000, "official_n": 4896}))
+    synthetic = tmp_path / "pqpp-qwen2vl" / "synthetic-val" / "default"  # in no paper table
+    synthetic.mkdir(parents=True)
+    (synthetic / "metrics.json").write_text(json.dumps({"dataset": "synthetic", "split": "val", "variant": "pqpp",
+                                                        "cIoU": 0.9}))
     text = render_tables(tmp_path)
+    assert text.split("no table shows (run, dataset, split, eval):\n")[1] == "- pqpp-qwen2vl synthetic val default"
     assert "51.2 / 74.5" in text          # Table 2, refcocog val: ours / paper PQPP
     assert "- / 75.2" in text              # refcocog test: no run, paper only
     assert "25.0 / 69.5" in text         # Table 6, threshold 0.6
