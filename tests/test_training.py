@@ -336,6 +336,27 @@ def test_kill_and_resume_follows_the_uninterrupted_loss_curve(workspace, tmp_pat
     assert full[-1]["loss"] < full[0]["loss"]
 
 
+def test_a_run_resumed_with_a_smaller_micro_batch_continues_at_the_example_where_it_stopped(workspace, tmp_path):
+    """After running out of memory, a run resumes with half the micro-batch and twice the accumulation.
+    With a learning rate of 1e-30 (Lion refuses 0) and no dropout, a step's loss depends only on the
+    examples it trains on:
+    the resumed steps must be the uninterrupted run's (counting micro-batches of the new size from
+    the old count would train on examples a second time)."""
+    frozen = ["train.optimizer.lr=1e-30", "train.lora.dropout=0", "save_final=false"]
+    straight = train(_cfg(workspace, tmp_path / "straight", "train.max_steps=4", "train.micro_batch_size=1",
+                          "train.grad_accum=4", *frozen))
+    run = tmp_path / "resumed"
+    train(_cfg(workspace, run, "train.max_steps=2", "train.save_every=2", *frozen))  # micro-batches of 2
+    resumed = train(_cfg(workspace, run, "train.max_steps=4", "train.micro_batch_size=1", "train.grad_accum=4",
+                         "resume=true", *frozen))
+    assert [h["step"] for h in resumed] == [3, 4]
+    assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in straight[2:]], abs=1e-6)
+    assert len({round(h["loss"], 6) for h in straight}) == 4  # the steps' examples differ, and so do their losses
+    # A micro-batch that does not divide the examples already trained on cannot continue there.
+    with pytest.raises(ValueError, match="micro-batch"):
+        train(_cfg(workspace, run, "train.max_steps=6", "train.micro_batch_size=3", "resume=true", *frozen))
+
+
 def test_a_resumed_run_logs_to_the_wandb_run_it_resumes(workspace, tmp_path):
     """wandb is offline by default (tests disable it elsewhere): a resume continues the same run id."""
     run = tmp_path / "run"

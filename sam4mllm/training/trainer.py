@@ -367,7 +367,18 @@ class Trainer:
 
     # ----------------------------------------------------------- checkpoints
     def _state(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "micro": self.micro}
+        return {"step": self.step, "epoch": self.epoch, "micro": self.micro,
+                "micro_batch_size": self.t.micro_batch_size}
+
+    def _resumed_micro(self, state: dict[str, Any], tag: str) -> int:
+        """The micro-batch of the saved epoch to go on from, in this run's micro-batch size: a run that
+        ran out of memory may resume with a smaller one (and more accumulation)."""
+        seen = state["micro"] * state.get("micro_batch_size", self.t.micro_batch_size)  # examples, this rank
+        if seen % self.t.micro_batch_size:
+            raise ValueError(f"{tag} stopped after {seen} examples of its epoch on each rank, which micro-batches of "
+                             f"train.micro_batch_size={self.t.micro_batch_size} do not divide: resume with a "
+                             f"micro-batch size that divides {seen}")
+        return seen // self.t.micro_batch_size
 
     def _rng_path(self, tag: str) -> Path:
         return self.run_dir / "checkpoints" / f"{tag}.rng-rank{rank():05d}.pt"
@@ -462,7 +473,7 @@ class Trainer:
                     params[n].copy_(v)
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
-        self.step, self.epoch, self.micro = state["step"], state["epoch"], state["micro"]
+        self.step, self.epoch, self.micro = state["step"], state["epoch"], self._resumed_micro(state, tag)
         rng = torch.load(self._rng_path(tag), map_location="cpu", weights_only=True)
         torch.set_rng_state(rng["torch_rng"])
         random.setstate(rng["python_rng"])
