@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
@@ -166,7 +167,20 @@ def evaluate(cfg: Any, predictor: Any = None) -> dict[str, Any] | None:
 
 
 def _write_batch(w: ShardWriter, predictor: Any, batch: list[tuple[int, Any]]) -> None:
-    records = predict_samples(predictor, [s for _, s in batch])
+    """Predict and write a batch; one that runs out of GPU memory (large images, long answers) is
+    split in halves and each retried, down to one sentence, whose own failure is raised."""
+    try:
+        records = predict_samples(predictor, [s for _, s in batch])
+    except torch.cuda.OutOfMemoryError:
+        if len(batch) == 1:
+            raise
+        torch.cuda.empty_cache()
+        log.warning("a batch of %d sentences ran out of GPU memory; retrying it in halves (lower eval.batch_size "
+                    "if this repeats)", len(batch))
+        half = len(batch) // 2
+        _write_batch(w, predictor, batch[:half])
+        _write_batch(w, predictor, batch[half:])
+        return
     for (i, sample), record in zip(batch, records, strict=True):
         w.write({"key": str(i), "index": i, **record, "sample_id": sample.sample_id})
 

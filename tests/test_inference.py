@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra.utils import instantiate
 from PIL import Image
 
@@ -213,7 +214,9 @@ def _eval_cfg(workspace, out, *extra):
     return workspace("eval", f"out_dir={out}", "progress=false", "checkpoint=null", *extra)
 
 
-def _run(cfg, oracle):
+def _run(cfg, oracle, fits: int | None = None, asked: list[int] | None = None):
+    """Evaluate ``cfg`` with ``oracle`` answering; a batch of more than ``fits`` sentences raises
+    CUDA's out-of-memory error; ``asked`` collects the batch sizes the evaluator asked for."""
     ds = build_dataset(cfg.dataset, cfg.split)
 
     def readable():
@@ -225,6 +228,10 @@ def _run(cfg, oracle):
 
     class Feed:
         def segment_many(self, items):
+            if asked is not None:
+                asked.append(len(items))
+            if fits is not None and len(items) > fits:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (a stand-in)")
             return [self._one(image, expression, task) for image, expression, task in items]
 
         def _one(self, image, expression, task):
@@ -365,6 +372,22 @@ def test_a_killed_evaluation_resumes_with_another_batch_size_overlay_count_or_sw
     assert [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()] == [
         json.loads(x) for x in (tmp_path / "once" / "predictions.jsonl").read_text().splitlines()]
     assert len(list((tmp_path / "out" / "overlays").glob("*.png"))) == 3
+
+
+def test_a_batch_that_runs_out_of_gpu_memory_is_retried_in_halves(workspace, tmp_path, caplog):
+    one = _run(_eval_cfg(workspace, tmp_path / "one", "eval.overlays=0"), Oracle(garbage_every=3))
+    asked: list[int] = []
+    with caplog.at_level("WARNING", logger="sam4mllm.evaluate"):
+        split = _run(_eval_cfg(workspace, tmp_path / "split", "eval.overlays=0", "eval.batch_size=8"),
+                     Oracle(garbage_every=3), fits=3, asked=asked)
+    assert split == one
+    assert [json.loads(x) for x in (tmp_path / "split" / "predictions.jsonl").read_text().splitlines()] == [
+        json.loads(x) for x in (tmp_path / "one" / "predictions.jsonl").read_text().splitlines()]
+    assert asked[:5] == [8, 4, 2, 2, 4]  # 8 -> 4 + 4, each 4 -> 2 + 2
+    assert sum(n for n in asked if n <= 3) == one["n"]  # each sentence predicted once, by a batch that fit
+    assert caplog.text.count("ran out of GPU memory") == sum(n > 3 for n in asked)  # each split said
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # one sentence alone does not fit: nothing to split
+        _run(_eval_cfg(workspace, tmp_path / "none", "eval.overlays=0", "eval.batch_size=8"), Oracle(), fits=0)
 
 
 def test_evaluator_resumes_and_shards_merge_to_the_single_process_result(workspace, tmp_path):
