@@ -174,6 +174,8 @@ def _write_batch(w: ShardWriter, predictor: Any, batch: list[tuple[int, Any]]) -
     except torch.cuda.OutOfMemoryError:
         if len(batch) == 1:
             raise
+        records = None  # retried after the except block: until then the error's frames hold their tensors
+    if records is None:
         torch.cuda.empty_cache()
         log.warning("a batch of %d sentences ran out of GPU memory; retrying it in halves (lower eval.batch_size "
                     "if this repeats)", len(batch))
