@@ -80,7 +80,7 @@ def _checkpoint_stamp(checkpoint: str | None) -> list[tuple[str, int, int]]:
 
 # eval settings that do not change a record: a resume may change them (a smaller batch after
 # running out of GPU memory, more overlays, another sweep). A batch answers as one sentence at a
-# time up to float rounding (README, "Evaluation").
+# time up to float rounding (README, "Quick start").
 NOT_PREDICTING = ("name", "batch_size", "overlays", "rethreshold")
 
 

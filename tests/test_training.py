@@ -357,6 +357,20 @@ def test_a_run_resumed_with_a_smaller_micro_batch_continues_at_the_example_where
         train(_cfg(workspace, run, "train.max_steps=6", "train.micro_batch_size=3", "resume=true", *frozen))
 
 
+def test_the_resumed_position_is_converted_between_micro_batch_sizes(workspace, tmp_path):
+    from sam4mllm.training.trainer import Trainer
+
+    t = Trainer(_cfg(workspace, tmp_path / "run", "train.micro_batch_size=3"))
+    t.data = list(range(10))  # one rank, 10 examples an epoch
+    assert t._resumed_micro({"micro": 3, "micro_batch_size": 2}, "step-1") == 2  # 6 examples in
+    assert t._resumed_micro({"micro": 2}, "step-1") == 2  # a checkpoint from before sizes were saved
+    # Saved after the epoch's last micro-batch: whatever the size (3 does not divide 10), the epoch is done.
+    assert t._resumed_micro({"micro": 5, "micro_batch_size": 2}, "step-1") == 4
+    assert t._resumed_micro({"micro": 3, "micro_batch_size": 4}, "step-1") == 4  # its last one shorter: 12 >= 10
+    with pytest.raises(ValueError, match="divides 4"):
+        t._resumed_micro({"micro": 2, "micro_batch_size": 2}, "step-1")
+
+
 def test_a_resumed_run_logs_to_the_wandb_run_it_resumes(workspace, tmp_path):
     """wandb is offline by default (tests disable it elsewhere): a resume continues the same run id."""
     run = tmp_path / "run"

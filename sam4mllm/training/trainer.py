@@ -374,6 +374,8 @@ class Trainer:
         """The micro-batch of the saved epoch to go on from, in this run's micro-batch size: a run that
         ran out of memory may resume with a smaller one (and more accumulation)."""
         seen = state["micro"] * state.get("micro_batch_size", self.t.micro_batch_size)  # examples, this rank
+        if seen >= self._rank_len():  # saved after the epoch's last (maybe shorter) micro-batch
+            return math.ceil(self._rank_len() / self.t.micro_batch_size)
         if seen % self.t.micro_batch_size:
             raise ValueError(f"{tag} stopped after {seen} examples of its epoch on each rank, which micro-batches of "
                              f"train.micro_batch_size={self.t.micro_batch_size} do not divide: resume with a "
