@@ -13,3 +13,5 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # model's round 1 alone, so it reads the PQPP run; no run is trained as "box_only".
 OmegaConf.register_new_resolver("trained_variant", lambda variant: "pqpp" if variant == "box_only" else variant,
                                 replace=True)
+# A file's name without its folder and suffix (configs/predict.yaml names its output folder after the image).
+OmegaConf.register_new_resolver("stem", lambda path: Path(str(path)).stem, replace=True)

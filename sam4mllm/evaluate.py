@@ -25,13 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 from tqdm.auto import tqdm
 
 from sam4mllm.config import build
 from sam4mllm.data import build_dataset
+from sam4mllm.data.base import load_image
 from sam4mllm.data.masks import decode_segmentation, encode_rle
 from sam4mllm.device import config_on_device
-from sam4mllm.inference import PQPPConfig, Sam4MLLM, segment_targets
+from sam4mllm.inference import PQPPConfig, Sam4MLLM, SegmentResult, segment_targets
 from sam4mllm.metrics import SegmentationMeter, VQAMeter, said_no_target, score_sample
 from sam4mllm.report import markdown_table
 from sam4mllm.shards import (
@@ -97,17 +99,47 @@ def _header(cfg: Any, split: str, data: str) -> dict[str, Any]:
             "dataset": cfg.dataset.name, "split": split, "task": cfg.dataset.task, **threshold}
 
 
+def _record(r: SegmentResult) -> dict[str, Any]:
+    """A segmentation result as a JSON-able prediction record (masks as RLE)."""
+    return {"text": r.text, "valid": r.valid, "reason": r.reason, "no_target": r.no_target, "truncated": r.truncated,
+            "masks": [encode_rle(m) for m in r.masks], "boxes": np.asarray(r.boxes).tolist(),
+            "points": [p.tolist() for p in r.points], "labels": [lb.tolist() for lb in r.labels],
+            "confidences": [c.tolist() for c in r.confidences], "timings": r.timings}
+
+
 def predict_samples(predictor: Any, samples: Sequence[Any]) -> list[dict[str, Any]]:
     """Prediction records (JSON-able) of samples of one dataset, their round 1 generated as one batch."""
     if samples and samples[0].task == "vqa":
         answers = predictor.generate_many([_vqa_question(s.expression) for s in samples], [s.image for s in samples])
         return [{"answer": text.strip(), "valid": True, "truncated": prefix.truncated} for text, prefix in answers]
-    return [{
-        "text": r.text, "valid": r.valid, "reason": r.reason, "no_target": r.no_target, "truncated": r.truncated,
-        "masks": [encode_rle(m) for m in r.masks], "boxes": np.asarray(r.boxes).tolist(),
-        "points": [p.tolist() for p in r.points], "labels": [lb.tolist() for lb in r.labels],
-        "confidences": [c.tolist() for c in r.confidences], "timings": r.timings,
-    } for r in predictor.segment_many([(s.image, s.expression, s.task) for s in samples])]
+    return [_record(r) for r in predictor.segment_many([(s.image, s.expression, s.task) for s in samples])]
+
+
+def predict_image(cfg: Any, predictor: Any = None) -> dict[str, Any]:
+    """Segment what ``cfg.text`` refers to in the image file ``cfg.image`` and write, to ``cfg.out_dir``,
+    ``overlay.png`` (masks, boxes and kept points over the image), ``mask.png`` (their union, 0/255;
+    all 0 when the model finds no target or its answer is unparseable) and ``result.json`` (the record
+    an evaluation writes). Returns that record."""
+    if cfg.task not in ("res", "gres"):
+        raise ValueError(f"task={cfg.task!r}: res (one object) or gres (any number, none included)")
+    path = Path(cfg.image)
+    if not path.is_file():
+        raise FileNotFoundError(f"no image at {path} (image=<path to a JPEG or PNG>)")
+    image = load_image(path)
+    result = (predictor or build_predictor(cfg)).segment(image, cfg.text, cfg.task)
+    record = _record(result)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps({"image": str(path), "text": cfg.text, **record}, indent=1))
+    union = result.union(image.shape[:2])
+    save_png(out / "mask.png", Image.fromarray(np.zeros(image.shape[:2], np.uint8) if union is None
+                                               else union.astype(np.uint8) * 255))
+    verdict = "no target" if result.no_target else "" if result.valid else f"unparseable: {result.reason}"
+    picture = overlay(image, masks=result.masks, boxes=result.boxes, points=[p for g in result.points for p in g],
+                      labels=[lb for g in result.labels for lb in g], scale=max(1, 512 // max(image.shape[:2])),
+                      title=verdict or None)
+    save_png(out / "overlay.png", side_by_side([picture], cfg.text))
+    return record
 
 
 def _vqa_question(question: str) -> str:

@@ -36,7 +36,11 @@ def _uses(primary: str) -> set[str]:
                 if g in {x for x, _ in GROUP_OPTIONS}}
 
 
-CASES = [(p, g, o) for p in PRIMARY for g, o in GROUP_OPTIONS if g in _uses(p) or p in APPENDED.get(g, [])]
+# Primaries built on another's tree with keys of their own that a user must give: their group
+# options are the other's cases; they compose once below.
+EXTENDS = {"predict": ("eval", ["image=photo.jpg", "text='the dog on the left'"])}
+CASES = [(p, g, o) for p in PRIMARY if p not in EXTENDS
+         for g, o in GROUP_OPTIONS if g in _uses(p) or p in APPENDED.get(g, [])]
 
 
 @pytest.mark.parametrize(("primary", "group", "option"), CASES)
@@ -48,6 +52,17 @@ def test_every_config_composes_and_resolves(primary, group, option):
     container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     for target in _targets(container):
         get_object(target)
+
+
+@pytest.mark.parametrize("primary", sorted(EXTENDS))
+def test_a_config_built_on_another_composes_with_its_own_keys(primary):
+    base, required = EXTENDS[primary]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose(config_name=primary, overrides=required), resolve=True)
+        other = OmegaConf.to_container(compose(config_name=base), resolve=True)
+    assert {k: v for k, v in cfg.items() if k in other and k != "out_dir"} == {
+        k: v for k, v in other.items() if k != "out_dir"}
+    assert cfg["out_dir"].endswith("/photo")  # named after the image
 
 
 def test_every_group_option_is_composed_somewhere():

@@ -499,6 +499,55 @@ def test_evaluation_of_a_retrained_checkpoint_does_not_resume_the_old_prediction
         _run(cfg, Oracle())
 
 
+def test_predict_writes_one_images_record_mask_and_overlay(workspace, adapter, tmp_path):
+    from sam4mllm.evaluate import predict_image
+    from sam4mllm.viz import side_by_side
+
+    image = _flat_image()
+    png = tmp_path / "photo.png"
+    Image.fromarray(image).save(png)
+    box = "<|box_start|>(250,150),(850,650)<|box_end|>"
+
+    def predict(text, *extra):
+        cfg = workspace("predict", f"image={png}", "text='the red box'", f"out_dir={tmp_path / 'out'}", *extra)
+        return predict_image(cfg, Scripted(adapter, "pqpp", text, p_yes=lambda n: np.linspace(0, 1, n)))
+
+    record = predict(box)
+    alone = Scripted(adapter, "pqpp", box, p_yes=lambda n: np.linspace(0, 1, n)).segment(image, "the red box")
+    saved = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert saved == {"image": str(png), "text": "the red box", **json.loads(json.dumps(record))}
+    assert record["boxes"] == alone.boxes.tolist() and record["points"] == [p.tolist() for p in alone.points]
+    mask = np.asarray(Image.open(tmp_path / "out" / "mask.png"))
+    assert mask.shape == image.shape[:2] and set(np.unique(mask)) == {0, 255}
+    assert np.array_equal(mask == 255, alone.union(image.shape[:2]))
+    drawn = overlay(image, masks=alone.masks, boxes=alone.boxes, points=[q for g in alone.points for q in g],
+                    labels=[lb for g in alone.labels for lb in g], scale=5)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "overlay.png").convert("RGB")),
+                          np.asarray(side_by_side([drawn], "the red box")))
+    # "No target" (GRES) and garbage give an empty mask, said so on the picture and in the record.
+    for text, task, key in (("No object found.", "gres", "no_target"), ("a box, I think", "res", "reason")):
+        record = predict(text, f"task={task}")
+        assert not np.asarray(Image.open(tmp_path / "out" / "mask.png")).any()
+        assert record["no_target"] if key == "no_target" else not record["valid"] and record["reason"] != "ok"
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere.jpg")):
+        predict_image(workspace("predict", f"image={tmp_path / 'nowhere.jpg'}", "text=x"), object())
+    with pytest.raises(ValueError, match="task='vqa'"):
+        predict(box, "task=vqa")
+
+
+def test_predict_script_as_typed_names_its_output_after_the_image(workspace):
+    ds = build_dataset(workspace("eval").dataset, "val")
+    record = ds.records[0]
+    r = subprocess.run([sys.executable, "scripts/predict.py", f"image={record['image_path']}",
+                        f"text='{record['expression']}'", "checkpoint=null", *workspace.base],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = workspace.out / "predict" / "pqpp-qwen2vl" / Path(record["image_path"]).stem
+    saved = json.loads((out / "result.json").read_text())
+    assert f"answer: {saved['text']!r}" in r.stdout and saved["text"] and str(out) in r.stdout
+    assert np.asarray(Image.open(out / "mask.png")).shape == ds[0].size
+
+
 def test_eval_script_as_typed_names_the_missing_data_and_the_fix(tmp_path):
     r = subprocess.run([sys.executable, "scripts/eval.py", "dataset=refcocog", f"paths.data_dir={tmp_path}"],
                        cwd=ROOT, capture_output=True, text=True)
