@@ -680,6 +680,27 @@ def test_qwen_vl_chat_images_go_to_a_temporary_folder_of_the_adapters_own(tmp_pa
     assert not paths[0].parent.exists()
 
 
+def test_a_killed_process_qwen_vl_chat_image_folder_is_removed_by_the_next_one(tmp_path):
+    """A kill leaves the folder (up to KEEP_IMAGES images) behind; the next adapter on this host removes
+    the folders of processes no longer running, and only those."""
+    import socket
+
+    from sam4mllm.models.adapter import IMAGE_FOLDER_PREFIX, image_folder
+
+    host = socket.gethostname().replace("-", "_")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    left = {name: tmp_path / f"{IMAGE_FOLDER_PREFIX}{name}" for name in
+            (f"{host}-{gone.pid}-x1", f"{host}-{os.getpid()}-x2", f"otherhost-{gone.pid}-x3")}
+    for folder in left.values():
+        folder.mkdir()
+        (folder / "a.png").write_bytes(b"png")
+    made = image_folder(tmp_path)
+    assert made.is_dir() and made.name.startswith(f"{IMAGE_FOLDER_PREFIX}{host}-{os.getpid()}-")
+    kept = [made.name] + [f.name for k, f in left.items() if not k.endswith("x1")]  # a live process's, another host's
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+
 def test_deepspeed_checkpoint_resume_follows_the_same_curve(workspace, tmp_path):
     """ZeRO-2 (the default, one process, no launcher needed): stop after a checkpoint, resume,
     compare with a straight run."""

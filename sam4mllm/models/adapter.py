@@ -9,7 +9,9 @@ full. Adding a family is one :class:`FamilySpec` entry and one ``model/`` config
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import socket
 import tempfile
 import weakref
 from collections import OrderedDict
@@ -373,8 +375,8 @@ class QwenVLChatAdapter(Adapter):
         tok = tokenizer_cls.from_pretrained(self.path, **kw)
         model = model_cls.from_pretrained(self.path, dtype=DTYPES[dtype], **kw).to(device)
         # Not in the model folder, which may be read-only (shared storage) and is copied by merges;
-        # removed when the adapter goes.
-        self._image_dir = Path(tempfile.mkdtemp(prefix="sam4mllm-qwenvl-images-"))
+        # removed when the adapter goes, or by the next adapter on this machine if a kill left it.
+        self._image_dir = image_folder()
         self._on_disk: OrderedDict[Path, None] = OrderedDict()  # least recently used first
         weakref.finalize(self, shutil.rmtree, self._image_dir, True)
         return tok, model
@@ -403,6 +405,34 @@ class QwenVLChatAdapter(Adapter):
             while len(self._on_disk) > self.KEEP_IMAGES:
                 self._on_disk.popitem(last=False)[0].unlink(missing_ok=True)
         return dict(self.tokenizer(text.replace(self.IMAGE_PLACEHOLDER, f"<img>{path}</img>"), return_tensors="pt"))
+
+
+IMAGE_FOLDER_PREFIX = "sam4mllm-qwenvl-images-"
+
+
+def image_folder(root: str | Path | None = None) -> Path:
+    """A new temporary folder for Qwen-VL-Chat's image files, named by host and process id.
+
+    A killed process cannot remove its folder, so the folders of this host's processes that are
+    no longer running are removed first (up to :attr:`QwenVLChatAdapter.KEEP_IMAGES` images each).
+    """
+    root = Path(root or tempfile.gettempdir())
+    host = socket.gethostname().replace("-", "_")
+    for old in root.glob(f"{IMAGE_FOLDER_PREFIX}{host}-*-*"):
+        pid = old.name[len(IMAGE_FOLDER_PREFIX) + len(host) + 1:].split("-")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)  # another user's folder stays: not ours to remove
+    return Path(tempfile.mkdtemp(prefix=f"{IMAGE_FOLDER_PREFIX}{host}-{os.getpid()}-", dir=root))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def auto_classes(family: str) -> tuple[Any, Any]:
