@@ -41,8 +41,7 @@ class Prefix:
     """A dialog so far: the prompt's model inputs, every token id up to the end of the last
     answer's text, and (for fast PQPP) the KV cache of those tokens and the rope offset.
 
-    A batched answer that no later round reads holds its prompt's ``input_ids`` only
-    (:meth:`Sam4MLLM.generate_many`).
+    A batched answer may hold its prompt's ``input_ids`` only (:meth:`Sam4MLLM.generate_many`).
     """
 
     inputs: dict[str, torch.Tensor]
@@ -148,6 +147,31 @@ def _copy_cache(cache: Any) -> Any:
     return copy.deepcopy(cache)
 
 
+def _row_cache(cache: Any, row: int, start: int, end: int) -> Any:
+    """Row ``row`` of a batch's KV cache, positions ``start:end`` (its left padding, and whatever was
+    generated after its answer, cut off); ``None`` unless every layer is a dynamic one holding every
+    position (a sliding window that has dropped some does not).
+
+    Positions past the cache (the last token of an answer cut at ``max_new_tokens`` is never
+    fed back) are simply missing: scoring encodes the ids its cache lacks. Plain layers are
+    views, so the batch's cache lives until its last row goes: no more memory than generating took.
+    """
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer)
+                         or getattr(layer, "cumulative_length", 0) > layer.keys.shape[-2] for layer in layers):
+        return None
+    fork = copy.copy(cache)
+    fork.layers = [copy.copy(layer) for layer in layers]
+    for layer in fork.layers:
+        layer.keys, layer.values = (t[row:row + 1, :, start:end] for t in (layer.keys, layer.values))
+        if layer.is_sliding:  # _copy_cache deep-copies such a layer: a view would copy the whole batch's
+            layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+            layer.cumulative_length = layer.keys.shape[-2]
+    return fork
+
+
 def _text_positions(pos: torch.Tensor, rope_deltas: torch.Tensor | None) -> torch.Tensor:
     """Position ids of text tokens at sequence positions ``pos`` ``(1, L)`` after a cached prompt.
 
@@ -224,23 +248,29 @@ class Sam4MLLM:
         """:meth:`generate` for several questions (one image each) as one left-padded batch.
 
         Decoding is the costly, sequential part of an evaluation, and a batch decodes its
-        questions together. ``keep_cache``: the prefixes will be scored (PQPP's points
-        round). A batch's cache is padded and not kept, so each such prefix gets its own
-        model inputs (its image processed again) and :meth:`fill_cache` encodes it when
-        scored; the other prefixes hold only their prompt's ids.
+        questions together. Each prefix holds its prompt's ids, padding cut off. ``keep_cache``:
+        the prefixes will be scored (PQPP's points round), so each also gets its row of the
+        batch's KV cache and the points round does not encode the prompt again; where it
+        must (no row to keep, or ``pqpp.fast=false``), its model inputs (the image processed again).
         """
         if len(questions) <= 1 or not self.adapter.batch_generation:
             return [self.generate(q, im, keep_cache) for q, im in zip(questions, images, strict=True)]
         self._reset_rope()
         texts = [self.adapter.render(Dialog([(q, "")]), with_last_answer=False) for q in questions]
         batch = {k: v.to(self._device) for k, v in self.adapter.model_inputs_batch(texts, images).items()}
-        rows = self._greedy(batch).sequences[:, batch["input_ids"].shape[1]:].tolist()
+        out, n = self._greedy(batch), batch["input_ids"].shape[1]
+        rope = self._rope_deltas()
         results = []
-        for i, (q, im, row) in enumerate(zip(questions, images, rows, strict=True)):
+        for i, (q, im, row) in enumerate(zip(questions, images, out.sequences[:, n:].tolist(), strict=True)):
             text, new, truncated = self._answer(row)
             prompt = batch["input_ids"][i, batch["attention_mask"][i].bool()][None]  # padding cut off
-            inputs = self._encode(Dialog([(q, "")]), im, open_last=True) if keep_cache else {"input_ids": prompt}
-            results.append((text, Prefix(inputs, inputs["input_ids"][0].tolist() + new, truncated=truncated)))
+            cache = _row_cache(out.cache, i, n - prompt.shape[1], n + len(new)) if keep_cache else None
+            inputs = {"input_ids": prompt}
+            if keep_cache and (cache is None or not self.pqpp.fast):  # scoring encodes the prompt: image needed
+                inputs = self._encode(Dialog([(q, "")]), im, open_last=True)
+            # Qwen-VL's rope offset of a row is that of its unpadded prompt (positions follow the attention mask).
+            deltas = None if rope is None or cache is None else rope[i:i + 1]
+            results.append((text, Prefix(inputs, prompt[0].tolist() + new, cache, deltas, truncated)))
         return results
 
     @torch.inference_mode()
@@ -355,7 +385,7 @@ class Sam4MLLM:
                 rows.append(self.model(**inputs).logits[0, -1])
             return self._yes_no(torch.stack(rows))
         if prefix.cache is None:
-            self.fill_cache(prefix)  # a batched round 1 keeps none
+            self.fill_cache(prefix)  # e.g. a batch row whose sliding window dropped positions
         attn_impl = self.model.config._attn_implementation
         if attn_impl not in ("sdpa", "eager"):
             raise ValueError(f"fast PQPP scoring passes a custom 4-D attention mask, which {attn_impl!r} does not "

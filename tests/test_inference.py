@@ -22,7 +22,7 @@ from sam4mllm.data.base import Sample
 from sam4mllm.data.masks import decode_segmentation, encode_rle
 from sam4mllm.dialogs import Dialog, box_question, point_question
 from sam4mllm.evaluate import evaluate, rescore, write_overlays
-from sam4mllm.inference import PQPPConfig, Sam4MLLM, SegmentResult, sample_points
+from sam4mllm.inference import PQPPConfig, Prefix, Sam4MLLM, SegmentResult, sample_points
 from sam4mllm.sam.grabcut import GrabCutSegmenter
 from sam4mllm.shards import read_shard, shard_path, write_records
 from sam4mllm.viz import overlay
@@ -75,8 +75,34 @@ def test_a_batch_of_sentences_answers_as_each_asked_alone(workspace, family):
     qs = [point_question(adapter.fmt, (10, 20, 500, 600), Point(int(x), int(y))) for x, y in pts]
     for (text, prefix), (b_text, b_prefix) in zip(alone, batch, strict=True):
         assert (b_text, b_prefix.ids, b_prefix.truncated) == (text, prefix.ids, prefix.truncated)
+        # Its row of the batch's cache, padding and later tokens cut off, as if it had been encoded alone
+        # (keys carry their rotary positions); an answer cut at max_new_tokens lacks its last token.
+        n = b_prefix.cache.get_seq_length()
+        assert n == len(prefix.ids) - prefix.truncated
+        alone_cache = m.fill_cache(Prefix(prefix.inputs, prefix.ids)).cache
+        for b, a in zip(b_prefix.cache.layers, alone_cache.layers, strict=True):
+            torch.testing.assert_close(b.keys, a.keys[:, :, :n], atol=1e-4, rtol=0)
+            torch.testing.assert_close(b.values, a.values[:, :, :n], atol=1e-4, rtol=0)
         np.testing.assert_allclose(m.score_points(b_prefix, qs), m.score_points(prefix, qs), atol=1e-4)
     assert len({t for t, _ in alone}) > 1  # answers that depend on the sentence, not one string
+
+
+def test_a_row_of_a_batch_cache_is_kept_only_while_it_holds_every_position():
+    """A sliding-window layer that has dropped positions cannot give a row's prefix: the points round
+    then encodes the prefix itself (fill_cache)."""
+    from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
+
+    from sam4mllm.inference import _row_cache
+
+    def cache(n):
+        c = DynamicCache()
+        c.layers = [DynamicSlidingWindowLayer(sliding_window=5)]
+        c.layers[0].update(*(torch.arange(2 * n * 2.0).reshape(2, 1, n, 2),) * 2)
+        return c
+
+    assert _row_cache(cache(6), 1, 0, 6) is None  # 6 positions through a window of 5: some are gone
+    row = _row_cache(cache(4), 1, 1, 3).layers[0]
+    assert row.keys.tolist() == [[[[10.0, 11.0], [12.0, 13.0]]]] and row.get_seq_length() == 2
 
 
 def test_sample_points_grid_random_and_fixed():
