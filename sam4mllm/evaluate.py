@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -115,31 +116,46 @@ def predict_samples(predictor: Any, samples: Sequence[Any]) -> list[dict[str, An
     return [_record(r) for r in predictor.segment_many([(s.image, s.expression, s.task) for s in samples])]
 
 
-def predict_image(cfg: Any, predictor: Any = None) -> dict[str, Any]:
-    """Segment what ``cfg.text`` refers to in the image file ``cfg.image`` and write, to ``cfg.out_dir``,
-    ``overlay.png`` (masks, boxes and kept points over the image), ``mask.png`` (their union, 0/255;
-    all 0 when the model finds no target or its answer is unparseable) and ``result.json`` (the record
-    an evaluation writes). Returns that record."""
+def predict_image(cfg: Any, predictor: Any = None) -> list[dict[str, Any]]:
+    """Segment what each sentence of ``cfg.text`` (one, or a list) refers to in the image file ``cfg.image``.
+
+    Each sentence gets a folder ``cfg.out_dir/<its words>/`` holding ``overlay.png`` (masks, boxes
+    and kept points over the image), ``mask.png`` (their union, 0/255; all 0 when the model finds
+    no target or its answer is unparseable) and ``result.json`` (the record an evaluation writes).
+    Round 1 runs in batches of ``eval.batch_size`` sentences. Returns the records, in order.
+    """
     if cfg.task not in ("res", "gres"):
         raise ValueError(f"task={cfg.task!r}: res (one object) or gres (any number, none included)")
+    texts = [cfg.text] if isinstance(cfg.text, str) else list(cfg.text)
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise ValueError(f"text={cfg.text!r}: a sentence, or a list of them (\"text=[the dog,the cat]\")")
     path = Path(cfg.image)
     if not path.is_file():
         raise FileNotFoundError(f"no image at {path} (image=<path to a JPEG or PNG>)")
     image = load_image(path)
-    result = (predictor or build_predictor(cfg)).segment(image, cfg.text, cfg.task)
-    record = _record(result)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps({"image": str(path), "text": cfg.text, **record}, indent=1))
-    union = result.union(image.shape[:2])
-    save_png(out / "mask.png", Image.fromarray(np.zeros(image.shape[:2], np.uint8) if union is None
-                                               else union.astype(np.uint8) * 255))
-    verdict = "no target" if result.no_target else "" if result.valid else f"unparseable: {result.reason}"
-    picture = overlay(image, masks=result.masks, boxes=result.boxes, points=[p for g in result.points for p in g],
-                      labels=[lb for g in result.labels for lb in g], scale=max(1, 512 // max(image.shape[:2])),
-                      title=verdict or None)
-    save_png(out / "overlay.png", side_by_side([picture], cfg.text))
-    return record
+    predictor = predictor or build_predictor(cfg)
+    results = [r for k in range(0, len(texts), cfg.eval.batch_size)
+               for r in predictor.segment_many([(image, t, cfg.task) for t in texts[k:k + cfg.eval.batch_size]])]
+    folders: list[str] = []
+    for text in texts:  # a sentence's words; a repeated sentence gets -2, -3, ...
+        name = "-".join(re.findall(r"[a-z0-9]+", text.lower()))[:60].strip("-") or "sentence"
+        folders.append(name if name not in folders else f"{name}-{folders.count(name) + 1}")
+    records = []
+    for text, result, folder in zip(texts, results, folders, strict=True):
+        out = Path(cfg.out_dir) / folder
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"image": str(path), "sentence": text, "folder": str(out), **_record(result)}  # text: the answer
+        (out / "result.json").write_text(json.dumps(record, indent=1))
+        union = result.union(image.shape[:2])
+        save_png(out / "mask.png", Image.fromarray(np.zeros(image.shape[:2], np.uint8) if union is None
+                                                   else union.astype(np.uint8) * 255))
+        verdict = "no target" if result.no_target else "" if result.valid else f"unparseable: {result.reason}"
+        picture = overlay(image, masks=result.masks, boxes=result.boxes, points=[p for g in result.points for p in g],
+                          labels=[lb for g in result.labels for lb in g], scale=max(1, 512 // max(image.shape[:2])),
+                          title=verdict or None)
+        save_png(out / "overlay.png", side_by_side([picture], text))
+        records.append(record)
+    return records
 
 
 def _vqa_question(question: str) -> str:

@@ -534,43 +534,54 @@ def test_predict_writes_one_images_record_mask_and_overlay(workspace, adapter, t
     Image.fromarray(image).save(png)
     box = "<|box_start|>(250,150),(850,650)<|box_end|>"
 
-    def predict(text, *extra):
-        cfg = workspace("predict", f"image={png}", "text='the red box'", f"out_dir={tmp_path / 'out'}", *extra)
+    def predict(text, *extra, sentences="'the red box'"):
+        cfg = workspace("predict", f"image={png}", f"text={sentences}", f"out_dir={tmp_path / 'out'}", *extra)
         return predict_image(cfg, Scripted(adapter, "pqpp", text, p_yes=lambda n: np.linspace(0, 1, n)))
 
-    record = predict(box)
+    [record] = predict(box)
+    out = tmp_path / "out" / "the-red-box"
     alone = Scripted(adapter, "pqpp", box, p_yes=lambda n: np.linspace(0, 1, n)).segment(image, "the red box")
-    saved = json.loads((tmp_path / "out" / "result.json").read_text())
-    assert saved == {"image": str(png), "text": "the red box", **json.loads(json.dumps(record))}
+    saved = json.loads((out / "result.json").read_text())
+    assert saved == json.loads(json.dumps(record)) and saved["sentence"] == "the red box" and saved["text"] == box
     assert record["boxes"] == alone.boxes.tolist() and record["points"] == [p.tolist() for p in alone.points]
-    mask = np.asarray(Image.open(tmp_path / "out" / "mask.png"))
+    mask = np.asarray(Image.open(out / "mask.png"))
     assert mask.shape == image.shape[:2] and set(np.unique(mask)) == {0, 255}
     assert np.array_equal(mask == 255, alone.union(image.shape[:2]))
     drawn = overlay(image, masks=alone.masks, boxes=alone.boxes, points=[q for g in alone.points for q in g],
                     labels=[lb for g in alone.labels for lb in g], scale=5)
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "overlay.png").convert("RGB")),
+    assert np.array_equal(np.asarray(Image.open(out / "overlay.png").convert("RGB")),
                           np.asarray(side_by_side([drawn], "the red box")))
+    # Several sentences: each in a folder of its words (a repeat numbered), each as if asked alone.
+    many = predict(box, sentences="['It, on the left!',the red box,the red box]")
+    assert [Path(r["folder"]).name for r in many] == ["it-on-the-left", "the-red-box", "the-red-box-2"]
+    assert {k: v for k, v in many[1].items() if k != "timings"} == {
+        k: v for k, v in record.items() if k != "timings"}
+    assert [r["sentence"] for r in many] == ["It, on the left!", "the red box", "the red box"]
     # "No target" (GRES) and garbage give an empty mask, said so on the picture and in the record.
     for text, task, key in (("No object found.", "gres", "no_target"), ("a box, I think", "res", "reason")):
-        record = predict(text, f"task={task}")
-        assert not np.asarray(Image.open(tmp_path / "out" / "mask.png")).any()
+        [record] = predict(text, f"task={task}")
+        assert not np.asarray(Image.open(out / "mask.png")).any()
         assert record["no_target"] if key == "no_target" else not record["valid"] and record["reason"] != "ok"
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere.jpg")):
         predict_image(workspace("predict", f"image={tmp_path / 'nowhere.jpg'}", "text=x"), object())
     with pytest.raises(ValueError, match="task='vqa'"):
         predict(box, "task=vqa")
+    with pytest.raises(ValueError, match="a sentence, or a list"):
+        predict(box, sentences="[]")
 
 
-def test_predict_script_as_typed_names_its_output_after_the_image(workspace):
+def test_predict_script_as_typed_names_its_output_after_the_image_and_sentence(workspace):
     ds = build_dataset(workspace("eval").dataset, "val")
     record = ds.records[0]
     r = subprocess.run([sys.executable, "scripts/predict.py", f"image={record['image_path']}",
                         f"text='{record['expression']}'", "checkpoint=null", *workspace.base],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    out = workspace.out / "predict" / "pqpp-qwen2vl" / Path(record["image_path"]).stem
+    words = "-".join(re.findall(r"[a-z0-9]+", record["expression"].lower()))
+    out = workspace.out / "predict" / "pqpp-qwen2vl" / Path(record["image_path"]).stem / words
     saved = json.loads((out / "result.json").read_text())
-    assert f"answer: {saved['text']!r}" in r.stdout and saved["text"] and str(out) in r.stdout
+    assert f"answer {saved['text']!r}" in r.stdout and saved["text"] and str(out) in r.stdout
+    assert saved["sentence"] == record["expression"]
     assert np.asarray(Image.open(out / "mask.png")).shape == ds[0].size
 
 
