@@ -36,7 +36,7 @@ def test_7b_qwen2vl_lora_r256_step_fits_and_runs():
 def test_model_and_points_round_on_cuda_answer_as_on_the_cpu(workspace):
     """`model.device=auto` puts the MLLM on the GPU; its greedy box answers (one question, and a
     left-padded batch of two), and P(Yes)/P(No) of the points round (fast shared-prefix and one
-    forward per point; after the batch, from its re-encoded prefix), match the CPU's."""
+    forward per point; after the batch, from its row of the batch's cache), match the CPU's."""
     from sam4mllm.codec import Point, TargetPrompt
     from sam4mllm.dialogs import Dialog, box_question, point_question
     from sam4mllm.inference import Sam4MLLM
@@ -55,6 +55,7 @@ def test_model_and_points_round_on_cuda_answer_as_on_the_cpu(workspace):
         text, generated = m.generate(box_question("the blue square", "res"), image, keep_cache=True)
         batch = m.generate_many([box_question("the blue square", "res"), box_question("a red circle", "res")],
                                 [image, image[:56]], keep_cache=True)
+        assert batch[1][1].cache is not None  # the row, not the prompt encoded again
         runs[next(adapter.model.parameters()).device.type] = (
             [text] + [t for t, _ in batch], m.score_points(prefix, qs, fast=True),
             m.score_points(prefix, qs, fast=False), m.score_points(generated, qs, fast=True),
