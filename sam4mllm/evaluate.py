@@ -134,28 +134,33 @@ def predict_image(cfg: Any, predictor: Any = None) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"no image at {path} (image=<path to a JPEG or PNG>)")
     image = load_image(path)
     predictor = predictor or build_predictor(cfg)
-    results = [r for k in range(0, len(texts), cfg.eval.batch_size)
-               for r in predictor.segment_many([(image, t, cfg.task) for t in texts[k:k + cfg.eval.batch_size]])]
     folders: list[str] = []
     for text in texts:  # a sentence's words; a repeated sentence gets -2, -3, ...
         name = "-".join(re.findall(r"[a-z0-9]+", text.lower()))[:60].strip("-") or "sentence"
         folders.append(name if name not in folders else f"{name}-{folders.count(name) + 1}")
     records = []
-    for text, result, folder in zip(texts, results, folders, strict=True):
-        out = Path(cfg.out_dir) / folder
-        out.mkdir(parents=True, exist_ok=True)
-        record = {"image": str(path), "sentence": text, "folder": str(out), **_record(result)}  # text: the answer
-        (out / "result.json").write_text(json.dumps(record, indent=1))
-        union = result.union(image.shape[:2])
-        save_png(out / "mask.png", Image.fromarray(np.zeros(image.shape[:2], np.uint8) if union is None
-                                                   else union.astype(np.uint8) * 255))
-        verdict = "no target" if result.no_target else "" if result.valid else f"unparseable: {result.reason}"
-        picture = overlay(image, masks=result.masks, boxes=result.boxes, points=[p for g in result.points for p in g],
-                          labels=[lb for g in result.labels for lb in g], scale=max(1, 512 // max(image.shape[:2])),
-                          title=verdict or None)
-        save_png(out / "overlay.png", side_by_side([picture], text))
-        records.append(record)
+    for k in range(0, len(texts), cfg.eval.batch_size):
+        chunk = slice(k, k + cfg.eval.batch_size)
+        results = predictor.segment_many([(image, t, cfg.task) for t in texts[chunk]])
+        records += [_write_prediction(image, path, text, result, Path(cfg.out_dir) / folder)  # as each batch ends
+                    for text, result, folder in zip(texts[chunk], results, folders[chunk], strict=True)]
     return records
+
+
+def _write_prediction(image: np.ndarray, path: Path, text: str, result: SegmentResult, out: Path) -> dict[str, Any]:
+    """``predict_image``'s three files for one sentence, in ``out``; returns its record."""
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"image": str(path), "sentence": text, "folder": str(out), **_record(result)}  # text: the answer
+    (out / "result.json").write_text(json.dumps(record, indent=1))
+    union = result.union(image.shape[:2])
+    save_png(out / "mask.png", Image.fromarray(np.zeros(image.shape[:2], np.uint8) if union is None
+                                               else union.astype(np.uint8) * 255))
+    verdict = "no target" if result.no_target else "" if result.valid else f"unparseable: {result.reason}"
+    picture = overlay(image, masks=result.masks, boxes=result.boxes, points=[p for g in result.points for p in g],
+                      labels=[lb for g in result.labels for lb in g], scale=max(1, 512 // max(image.shape[:2])),
+                      title=verdict or None)
+    save_png(out / "overlay.png", side_by_side([picture], text))
+    return record
 
 
 def _vqa_question(question: str) -> str:

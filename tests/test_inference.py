@@ -557,6 +557,18 @@ def test_predict_writes_one_images_record_mask_and_overlay(workspace, adapter, t
     assert {k: v for k, v in many[1].items() if k != "timings"} == {
         k: v for k, v in record.items() if k != "timings"}
     assert [r["sentence"] for r in many] == ["It, on the left!", "the red box", "the red box"]
+
+    class DiesOnTheSecondBatch(Scripted):
+        def segment_many(self, items):
+            self.batches = getattr(self, "batches", 0) + 1
+            assert self.batches == 1, "killed"
+            return super().segment_many(items)
+
+    cfg = workspace("predict", f"image={png}", "text=[first,second]", f"out_dir={tmp_path / 'dies'}")
+    with pytest.raises(AssertionError, match="killed"):
+        predict_image(cfg, DiesOnTheSecondBatch(adapter, "pqpp", box, p_yes=lambda n: np.linspace(0, 1, n)))
+    assert [f.name for f in (tmp_path / "dies").iterdir()] == ["first"]  # written as its batch ended
+    assert (tmp_path / "dies" / "first" / "result.json").is_file()
     # "No target" (GRES) and garbage give an empty mask, said so on the picture and in the record.
     for text, task, key in (("No object found.", "gres", "no_target"), ("a box, I think", "res", "reason")):
         [record] = predict(text, f"task={task}")
