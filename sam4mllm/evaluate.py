@@ -137,7 +137,11 @@ def predict_image(cfg: Any, predictor: Any = None) -> list[dict[str, Any]]:
     folders: list[str] = []
     for text in texts:  # a sentence's words; a repeated sentence gets -2, -3, ...
         name = "-".join(re.findall(r"[a-z0-9]+", text.lower()))[:60].strip("-") or "sentence"
-        folders.append(name if name not in folders else f"{name}-{folders.count(name) + 1}")
+        folder, n = name, 1
+        while folder in folders:
+            n += 1
+            folder = f"{name}-{n}"
+        folders.append(folder)
     records = []
     for k in range(0, len(texts), cfg.eval.batch_size):
         chunk = slice(k, k + cfg.eval.batch_size)

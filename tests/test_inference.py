@@ -552,11 +552,12 @@ def test_predict_writes_one_images_record_mask_and_overlay(workspace, adapter, t
     assert np.array_equal(np.asarray(Image.open(out / "overlay.png").convert("RGB")),
                           np.asarray(side_by_side([drawn], "the red box")))
     # Several sentences: each in a folder of its words (a repeat numbered), each as if asked alone.
-    many = predict(box, sentences="['It, on the left!',the red box,the red box]")
-    assert [Path(r["folder"]).name for r in many] == ["it-on-the-left", "the-red-box", "the-red-box-2"]
+    many = predict(box, sentences="['It, on the left!',the red box,the red box,the red box]")
+    assert [Path(r["folder"]).name for r in many] == ["it-on-the-left", "the-red-box", "the-red-box-2",
+                                                      "the-red-box-3"]
     assert {k: v for k, v in many[1].items() if k != "timings"} == {
         k: v for k, v in record.items() if k != "timings"}
-    assert [r["sentence"] for r in many] == ["It, on the left!", "the red box", "the red box"]
+    assert [r["sentence"] for r in many] == ["It, on the left!", "the red box", "the red box", "the red box"]
 
     class DiesOnTheSecondBatch(Scripted):
         def segment_many(self, items):
