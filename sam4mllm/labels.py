@@ -30,7 +30,8 @@ from sam4mllm.data import SegDataset, build_dataset
 from sam4mllm.data.errors import UNREADABLE, MalformedSampleError
 from sam4mllm.device import config_on_device
 from sam4mllm.sam.base import Segmenter
-from sam4mllm.shards import ShardWriter, assign, merge_shards, shard_from_env, shard_path
+from sam4mllm.shards import ShardWriter, assign, iter_records, merge_shards, read_shard, shard_from_env, shard_path
+from sam4mllm.viz import overlay, save_png, side_by_side, spread
 
 log = logging.getLogger(__name__)
 LABEL_FORMAT = "sam4mllm-labels"
@@ -246,13 +247,49 @@ def generate_labels(cfg: Any, segmenter_factory: Callable[[], Segmenter] | None 
     merged = merge_shards(out_dir, count, len(items), header, MERGED_NAME)
     if merged:
         log.info("labels merged into %s", merged)
+        if cfg.overlays:
+            write_label_overlays(merged, ds, out_dir / "overlays", cfg.overlays, segmenter)
     return merged
+
+
+def write_label_overlays(labels: Path, ds: SegDataset, out_dir: Path, n: int,
+                         segmenter: Segmenter | None = None) -> list[Path]:
+    """Overlay PNGs of ``n`` labelled sentences spread over a merged labels file: the ground truth
+    (left) beside the label (right): its boxes and points (green inside, red outside) and, for a
+    PPG label with ``segmenter`` given, the mask the segmenter makes of them. A PPG panel is titled
+    with the IoU the label job recorded for its point group, which that mask reproduces when the
+    segmenter is the job's."""
+    header, records = read_shard(labels)
+    for old in out_dir.glob("[0-9]*.png"):  # a rerun's picks replace the last run's, not add to them
+        old.unlink()
+    items = ds.by_image()
+    labelled = [(r["index"], s) for r in records for s in r["samples"]]
+    paths = []
+    for j in spread(len(labelled), n):
+        k, label = labelled[j]
+        sample = next(s for _, s in ds.samples(items[k][1], strict=True) if s.sample_id == label["sample_id"])
+        targets = label["targets"]
+        masks = []
+        if header["variant"] == "ppg" and segmenter is not None and targets:
+            segmenter.set_image(sample.image)
+            # One call per target: a target whose box holds no background has no negative point.
+            masks = [segmenter.predict(np.array([t["box"]], float), np.array([t["points"]]),
+                                       np.array([t["labels"]])).masks[0] for t in targets]
+        inside = sum(lb for t in targets for lb in t["labels"])
+        title = ("label: no target" if not targets
+                 else "PPG label: IoU " + ", ".join(f"{t['iou']:.3f}" for t in targets) if header["variant"] == "ppg"
+                 else f"PQPP label: {inside} of {sum(len(t['labels']) for t in targets)} points inside")
+        gt = overlay(sample.image, masks=sample.masks, boxes=sample.boxes, scale=4,
+                     title="ground truth" if sample.masks else "ground truth: no target")
+        right = overlay(sample.image, masks=masks, boxes=[t["box"] for t in targets],
+                        points=[p for t in targets for p in t["points"]],
+                        labels=[lb for t in targets for lb in t["labels"]], scale=4, title=title)
+        paths.append(save_png(out_dir / f"{j:05d}.png", side_by_side([gt, right], sample.expression)))
+    return paths
 
 
 def label_stats(path: Path) -> dict[str, float | int]:
     """Counts and mean PPG IoU of a merged labels file."""
-    from sam4mllm.shards import iter_records
-
     n_img = n_err = n_skipped = n_samples = n_no_target = 0
     ious = []
     for r in iter_records(path):

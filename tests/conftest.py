@@ -53,7 +53,8 @@ def workspace(synthetic, tmp_path_factory):
 
     for variant in ("ppg", "pqpp"):
         for dataset in ("synthetic", "synthetic_gres"):
-            generate_labels(make("gen_labels", f"+exp={variant}", f"dataset={dataset}", "progress=false"))
+            generate_labels(make("gen_labels", f"+exp={variant}", f"dataset={dataset}", "progress=false",
+                                  "overlays=0"))
     make.out = out  # type: ignore[attr-defined]
     make.base = base  # type: ignore[attr-defined]
     return make

@@ -104,7 +104,7 @@ def test_poisson_disk_points_spread_wider_than_uniform():
 def _cfg(data_dir: Path, out: Path, *extra: str):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="gen_labels", overrides=[
-            f"paths.data_dir={data_dir}", f"out_dir={out}", "progress=false", *extra])
+            f"paths.data_dir={data_dir}", f"out_dir={out}", "progress=false", "overlays=0", *extra])
 
 
 def _data_dir(synthetic) -> Path:
@@ -130,6 +130,45 @@ def test_ppg_job_decodes_and_embeds_each_image_once_and_covers_every_sentence(sy
     monkeypatch.setattr(refer.ReferDataset, "load", lambda self, record, image=None: plain_load(self, record))
     each = generate_labels(_cfg(_data_dir(synthetic), tmp_path / "each", "+exp=ppg", "split=val"))
     assert len(decoded) == 8 + stats["samples"] and each.read_bytes() == merged.read_bytes()
+
+
+@pytest.mark.parametrize("variant", ["ppg", "pqpp"])
+def test_label_overlays_show_the_ground_truth_beside_the_label_and_the_mask_its_points_give(synthetic, tmp_path,
+                                                                                          monkeypatch, variant):
+    """Every labelled sentence (GRES: several targets, none) drawn: the GT on the left; on the right the
+    label's boxes and points and, for PPG, the segmenter's mask of them, whose IoU is the recorded one."""
+    from PIL import Image
+
+    from sam4mllm import labels
+    from sam4mllm.metrics import score_sample
+
+    drawn = []
+    real = labels.overlay
+    monkeypatch.setattr(labels, "overlay",
+                        lambda image, **kw: drawn.append({**kw, "width": image.shape[1]}) or real(image, **kw))
+    merged = generate_labels(_cfg(_data_dir(synthetic), tmp_path, f"+exp={variant}", "dataset=synthetic_gres",
+                                  "split=val", "overlays=1000"))
+    sentences = [s for r in read_shard(merged)[1] for s in r["samples"]]
+    pngs = sorted((tmp_path / "overlays").glob("*.png"))
+    assert len(pngs) == len(sentences) == len(drawn) / 2
+    assert {len(s["targets"]) for s in sentences} >= {0, 1, 2}
+    for png, label, gt, right in zip(pngs, sentences, drawn[::2], drawn[1::2], strict=True):
+        targets = label["targets"]
+        assert len(gt["masks"]) == len(targets)
+        assert right["boxes"] == [t["box"] for t in targets]
+        assert right["points"] == [p for t in targets for p in t["points"]]
+        assert right["labels"] == [lb for t in targets for lb in t["labels"]]
+        if variant == "pqpp" or not targets:
+            assert right["masks"] == []
+        else:
+            assert [score_sample(m, g).iou for m, g in zip(right["masks"], gt["masks"], strict=True)] == \
+                   pytest.approx([t["iou"] for t in targets], abs=1e-9)
+        assert Image.open(png).width == 2 * 4 * gt["width"] + 4  # two panels at scale 4, a 4-px gap
+    # Run again, the finished job only draws: its picks replace the last run's.
+    generate_labels(_cfg(_data_dir(synthetic), tmp_path, f"+exp={variant}", "dataset=synthetic_gres", "split=val",
+                         "overlays=2"))
+    last = f"{len(sentences) - 1:05d}.png"
+    assert [p.name for p in sorted((tmp_path / "overlays").glob("*.png"))] == ["00000.png", last]
 
 
 def test_gres_labels_have_one_prompt_set_per_target_and_none_for_no_target(synthetic, tmp_path):
