@@ -261,7 +261,7 @@ def write_label_overlays(labels: Path, ds: SegDataset, out_dir: Path, n: int,
     segmenter is the job's."""
     header, records = read_shard(labels)
     for old in out_dir.glob("[0-9]*.png"):  # a rerun's picks replace the last run's, not add to them
-        old.unlink()
+        old.unlink(missing_ok=True)  # another shard finishing at once may draw the same ones
     items = ds.by_image()
     labelled = [(r["index"], s) for r in records for s in r["samples"]]
     paths = []

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sam4mllm.atomic import write_atomic
+
 PALETTE = [(255, 64, 64), (64, 160, 255), (255, 200, 0), (160, 64, 255), (0, 200, 120), (255, 120, 200)]
 POSITIVE, NEGATIVE = (0, 230, 0), (255, 0, 0)
 IGNORED = (128, 128, 128)
@@ -85,11 +87,11 @@ def side_by_side(panels: Sequence[Image.Image], caption: str | None = None, gap:
 
 
 def save_png(path: str | Path, image: Image.Image) -> Path:
-    """Write ``image`` to ``path`` as PNG, creating parent folders."""
+    """Write ``image`` to ``path`` as PNG, creating parent folders; atomically, since two shards
+    that finish together may both draw (the same picture) and a killed job leaves no torn file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
-    return path
+    return write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def save_overlay(path: str | Path, image: np.ndarray, **kwargs: object) -> Path:
