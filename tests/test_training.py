@@ -453,6 +453,56 @@ def test_lr_schedule_after_warmup(schedule):
         lr_schedule(opt, "wsd", warmup, total, total - warmup + 1)
 
 
+def _val_labels(workspace, tmp_path) -> dict[str, Path]:
+    """PQPP labels of the synthetic val split, RES and GRES views."""
+    from sam4mllm.labels import generate_labels
+
+    return {name: generate_labels(workspace("gen_labels", "+exp=pqpp", f"dataset={view}", "split=val", "overlays=0",
+                                            "progress=false", f"out_dir={tmp_path / view}"))
+            for name, view in (("refcoco", "synthetic"), ("grefcoco", "synthetic_gres"))}
+
+
+def test_validation_loss_is_the_held_out_labels_per_token_loss_and_leaves_training_as_it_was(workspace, tmp_path):
+    from sam4mllm.data.base import load_image
+    from sam4mllm.models.merge import load_finetuned
+    from sam4mllm.training.data import MixtureDataset, label_examples
+
+    val = _val_labels(workspace, tmp_path)
+    common = ["train.max_steps=4", "train.optimizer.lr=1e-3", "train.lora.dropout=0.3"]  # dropout: RNG untouched?
+    plain = train(_cfg(workspace, tmp_path / "plain", *common, "save_final=false"))
+    cfg = _cfg(workspace, tmp_path / "run", *common, "train.val_every=3",
+               f"data.val={{refcoco:{val['refcoco']},grefcoco:{val['grefcoco']}}}")
+    hist = train(cfg)
+    assert [h["loss"] for h in hist] == [h["loss"] for h in plain]  # exactly: validation changes no training step
+    assert [h["step"] for h in hist if "val_loss" in h] == [3, 4]  # every 3 steps, and the last
+    # The final weights' loss per supervised token, each val dialog in its own forward, with dropout off.
+    a = instantiate(cfg.model)
+    load_finetuned(a, tmp_path / "run" / "final")
+    model = a.model.eval()
+    data = MixtureDataset({}, a, "pqpp")
+    sums = {}
+    for name, path in val.items():
+        token_losses = []
+        for ex in label_examples(path, "pqpp"):
+            enc = data.encode(ex, load_image(ex.image_path))
+            with torch.no_grad():
+                token_losses.append(_token_losses(model(**a.collate([enc])).logits[0], enc.labels[0]))
+        sums[name] = torch.cat(token_losses)
+    last = hist[-1]
+    assert last["val_skipped"] == 0
+    for name, losses in sums.items():
+        assert last[f"val_loss/{name}"] == pytest.approx(float(losses.mean()), abs=1e-5)
+    assert last["val_loss"] == pytest.approx(float(torch.cat(list(sums.values())).mean()), abs=1e-5)
+    assert last["val_loss"] < hist[2]["val_loss"] - 0.01  # it moves with training
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["val_loss"] == last["val_loss"]
+    with pytest.raises(FileNotFoundError, match=r"dataset=synthetic_gres split=val\n.*~data\.val\.grefcoco"):
+        train(_cfg(workspace, tmp_path / "missing", "train.max_steps=1", "train.val_every=1",
+                   f"data.val.refcoco={val['refcoco']}"))
+    with pytest.raises(ValueError, match=r"train\.val_every needs data\.val"):
+        train(_cfg(workspace, tmp_path / "none", "train.max_steps=1", "train.val_every=1", "~data.val"))
+
+
 def test_final_adapter_and_merge(workspace, tmp_path):
     from sam4mllm.models.merge import load_finetuned, merge_adapter
 
@@ -563,7 +613,9 @@ def test_two_rank_zero2_cpu_run_through_the_deepspeed_launcher(workspace, tmp_pa
     """`deepspeed scripts/train.py +exp=pqpp` as typed, plus overrides that keep it short and
     `--num_gpus 2` (on a CPU the launcher counts NUMA nodes, often one). Two ranks of one
     example each follow one process that accumulates the same two examples per step."""
-    same = ["train.max_steps=6", "train.micro_batch_size=1", "train.optimizer.lr=1e-3", "train.lora.dropout=0"]
+    val = _val_labels(workspace, tmp_path)
+    same = ["train.max_steps=6", "train.micro_batch_size=1", "train.optimizer.lr=1e-3", "train.lora.dropout=0",
+            "train.val_every=3", f"data.val={{refcoco:{val['refcoco']},grefcoco:{val['grefcoco']}}}"]
     r = _deepspeed(workspace, tmp_path / "ds", 2, *same, "train.grad_accum=1", "train.save_every=3",
                    "train.keep_checkpoints=1")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
@@ -574,6 +626,11 @@ def test_two_rank_zero2_cpu_run_through_the_deepspeed_launcher(workspace, tmp_pa
     one = train(_cfg(workspace, tmp_path / "one", *same, "train.grad_accum=2", "save_final=false"))
     assert [losses[s] for s in range(1, 7)] == pytest.approx([h["loss"] for h in one], abs=1e-5)
     assert losses[6] < losses[1]
+    # The val examples dealt over the two ranks, the sums all-reduced: one process's validation losses.
+    logged = {r["step"]: r for r in map(json.loads, (tmp_path / "ds" / "metrics.jsonl").read_text().splitlines())}
+    for h in one[2::3]:
+        assert {k: v for k, v in logged[h["step"]].items() if k.startswith("val_")} == pytest.approx(
+            {k: v for k, v in h.items() if k.startswith("val_")}, abs=1e-5)
     cfg = (tmp_path / "ds" / "config.yaml").read_text()
     assert "stage: 2" in cfg
     # DeepSpeed's CPU all-reduce buffers (~70 MB of RAM each) must not outlive the run.

@@ -41,14 +41,15 @@ class Example:
 
 
 def label_examples(path: str | Path, variant: str, source: str = "<source>",
-                   sentences_per_dialog: int = 1) -> list[Example]:
+                   sentences_per_dialog: int = 1, leave_out: str | None = None) -> list[Example]:
     """One example per sentence of a merged ``labels.jsonl`` (its header must match ``variant``),
     or per ``sentences_per_dialog`` consecutive sentences of one image packed into one
     conversation (the official code packs up to 5: the image is encoded once for all).
 
     A missing file raises an error naming the label job that writes it (the dataset and
     split read from gen_labels' layout ``.../<variant>/<dataset>/<split>/labels.jsonl``)
-    and how to train without ``source`` instead.
+    and how to train without ``source`` instead (``leave_out``: the override that does it,
+    by default switching the training source off).
     """
     path = Path(path)
     if not path.exists():
@@ -57,7 +58,7 @@ def label_examples(path: str | Path, variant: str, source: str = "<source>",
         raise FileNotFoundError(
             f"label file {path} (training source {source!r}) is missing; generate it with\n"
             f"  python scripts/gen_labels.py +exp={variant} dataset={dataset} split={split}\n"
-            f"or train without this source: data.sources.{source}.ratio=0"
+            f"or train without it: {leave_out or f'data.sources.{source}.ratio=0'}"
         )
     header, records = read_shard(path)
     if header.get("variant") != variant:

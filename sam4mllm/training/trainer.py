@@ -30,8 +30,11 @@ from tqdm.auto import tqdm
 
 from sam4mllm.atomic import write_atomic
 from sam4mllm.config import build
+from sam4mllm.data.base import load_image
+from sam4mllm.data.errors import UNREADABLE
 from sam4mllm.device import resolve_device
-from sam4mllm.training.data import build_mixture
+from sam4mllm.models.adapter import IGNORE_INDEX, SampleTooLongError
+from sam4mllm.training.data import Example, build_mixture, label_examples
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +210,12 @@ class Trainer:
             raise ValueError(f"{len(self.data)} examples give no optimizer step at micro-batch "
                              f"{self.t.micro_batch_size} x accumulation {self.t.grad_accum} x {world()} ranks")
         self.data_digest = self.data.fingerprint()
+        val = self.cfg.data.get("val") or {}
+        if self.t.val_every and not val:
+            raise ValueError("train.val_every needs data.val: validation label files by name, e.g. "
+                             "data.val={refcoco:<outputs>/labels/pqpp/refcoco/val/labels.jsonl}")
+        self.val = {name: label_examples(path, self.cfg.variant, name, leave_out=f"~data.val.{name}")
+                    for name, path in (val.items() if self.t.val_every else ())}
         self._build_optimization()
         resumed, changes = self._load_checkpoint() if self.cfg.resume else (None, [])
         if rank() == 0:
@@ -310,6 +319,8 @@ class Trainer:
                 rec = {"step": self.step, "loss": loss_mean, "lr": float(self.sched.get_last_lr()[0]),
                        "tokens_per_s": tok * world() / dt, "step_s": dt, "peak_mem_mb": peak_memory_mb(self.device),
                        "epoch": self.epoch}
+                if self.t.val_every and (self.step % self.t.val_every == 0 or self.step == self.total_steps):
+                    rec |= self.validate()
                 history.append(rec)
                 self._log(rec)
                 bar.update(1)
@@ -328,6 +339,54 @@ class Trainer:
         if rank() == 0 and self.data.stats:
             log.info("dialogs cut or replaced: %s", dict(self.data.stats))
         return history
+
+    def validate(self) -> dict[str, float]:
+        """Per-token loss on ``data.val`` (labels of held-out splits), by source and overall.
+
+        Dropout off and no gradients. The examples are dealt over the ranks, one per forward (a
+        micro-batch's loss would average its sentences together), and the sums all-reduced. Every
+        rank runs as many forwards, since ZeRO-3 gathers the weights in each: a rank short of
+        examples repeats one without counting it. A dialog longer than ``max_length`` or an
+        unreadable image is left out and counted in ``val_skipped``. Nothing here draws from an
+        RNG, so training goes on exactly as it would without validation.
+        """
+        names = sorted(self.val)
+        flat = [(k, ex) for k, name in enumerate(names) for ex in self.val[name]]
+        mine = flat[rank()::world()]
+        sums = torch.zeros(2 * len(names) + 1, dtype=torch.float64)  # per source: loss sum, tokens; then skipped
+        filler = None
+        self.engine.eval()
+        with torch.no_grad():
+            for i in tqdm(range(math.ceil(len(flat) / world())), desc="val", leave=False,
+                          disable=rank() != 0 or not self.cfg.progress):
+                k, ex = mine[i] if i < len(mine) else (None, None)
+                enc = self._encode_val(ex) if ex is not None else None
+                sums[-1] += ex is not None and enc is None
+                if enc is not None:
+                    filler = enc
+                else:  # a forward all the same (ZeRO-3), not counted
+                    k, enc = None, filler or next(filter(None, map(self._encode_val, (e for _, e in flat))), None)
+                    if enc is None:
+                        raise ValueError(f"no validation example of {names} can be encoded (each is longer than "
+                                         "model.max_length or its image is unreadable)")
+                loss = self._forward(self.adapter.collate([enc]))
+                if k is not None:
+                    n = int((enc.labels[..., 1:] != IGNORE_INDEX).sum())  # the tokens the loss averages
+                    sums[2 * k] += float(loss) * n
+                    sums[2 * k + 1] += n
+        self.engine.train()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        loss, tokens = sums[:-1].view(-1, 2).T
+        out = {"val_loss": float(loss.sum() / tokens.sum()), "val_skipped": int(sums[-1])}
+        return out | {f"val_loss/{name}": float(loss[k] / tokens[k]) for k, name in enumerate(names)}
+
+    def _encode_val(self, ex: Example) -> Any:
+        """A validation example's training dialog, or ``None`` if it cannot be trained on."""
+        try:
+            return self.data.encode(ex, load_image(ex.image_path))
+        except (SampleTooLongError, *UNREADABLE):
+            return None
 
     def _log(self, rec: dict[str, float]) -> None:
         if rank() != 0:
