@@ -503,6 +503,35 @@ def test_validation_loss_is_the_held_out_labels_per_token_loss_and_leaves_traini
         train(_cfg(workspace, tmp_path / "none", "train.max_steps=1", "train.val_every=1", "~data.val"))
 
 
+def _adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def test_an_exported_checkpoint_is_the_final_folder_a_run_stopped_there_writes(workspace, tmp_path):
+    """Under a constant rate a 4-step run's step-2 checkpoint is where a 2-step run ends: exported, it
+    holds the very weights that run's final folder does, and evaluation loads it."""
+    from sam4mllm.models.merge import load_finetuned
+    from sam4mllm.training.trainer import export_checkpoint
+
+    same = ["train.schedule=constant", "train.optimizer.lr=1e-3", "train.save_every=2"]
+    train(_cfg(workspace, tmp_path / "four", *same, "train.max_steps=4"))
+    train(_cfg(workspace, tmp_path / "two", *same, "train.max_steps=2"))
+    at_2 = export_checkpoint(tmp_path / "four", "step-0000002")
+    assert at_2 == tmp_path / "four" / "exported" / "step-0000002"
+    latest = export_checkpoint(tmp_path / "four", out=tmp_path / "latest")
+    for exported, final in ((at_2, tmp_path / "two" / "final"), (latest, tmp_path / "four" / "final")):
+        got, want = _adapter_weights(exported), _adapter_weights(final)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+        assert json.loads((exported / "sam4mllm.json").read_text()) == json.loads((final / "sam4mllm.json").read_text())
+    assert not all(torch.equal(a, b) for a, b in zip(_adapter_weights(at_2).values(),
+                                                     _adapter_weights(latest).values(), strict=True))
+    load_finetuned(instantiate(workspace("train", "+exp=pqpp").model), at_2)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint step-0000003 .*'step-0000002', 'step-0000004'"):
+        export_checkpoint(tmp_path / "four", "step-0000003")
+
+
 def test_final_adapter_and_merge(workspace, tmp_path):
     from sam4mllm.models.merge import load_finetuned, merge_adapter
 
@@ -762,7 +791,7 @@ def test_deepspeed_checkpoint_resume_follows_the_same_curve(workspace, tmp_path)
     """ZeRO-2 (the default, one process, no launcher needed): stop after a checkpoint, resume,
     compare with a straight run."""
     common = ["+exp=ppg", *workspace.base, "progress=false", "train.micro_batch_size=2", "train.grad_accum=2",
-              "train.max_steps=6", "train.save_every=3", "train.optimizer.lr=1e-3", "save_final=false"]
+              "train.max_steps=6", "train.save_every=3", "train.optimizer.lr=1e-3"]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     run = lambda *a: subprocess.run([sys.executable, "scripts/train.py", *common, *a], cwd=ROOT, env=env,  # noqa: E731
                                     capture_output=True, text=True)
@@ -770,6 +799,12 @@ def test_deepspeed_checkpoint_resume_follows_the_same_curve(workspace, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "stage: 2" in (tmp_path / "run" / "config.yaml").read_text()
     straight = _losses(tmp_path / "run")
+    # Exported through DeepSpeed's reader of its fp32 master weights: the weights the run ended with (the
+    # tiny model trains in fp32; under fp16 the final folder would hold the module's rounded copies).
+    from sam4mllm.training.trainer import export_checkpoint
+
+    got, want = (_adapter_weights(export_checkpoint(tmp_path / "run")), _adapter_weights(tmp_path / "run" / "final"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
     # Roll the finished run back to its step-3 checkpoint, as if it had died right after it.
     ckpt = tmp_path / "run" / "checkpoints"
     (ckpt / "latest").write_text("step-0000003")

@@ -547,16 +547,7 @@ class Trainer:
         """The final adapter (``save_pretrained``) and processor in ``run_dir/final``."""
         if rank() == 0:
             model = self.engine.module if hasattr(self.engine, "module") else self.engine
-            out = self.run_dir / "final"
-            tmp = self.run_dir / ".final.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp)
-            self.adapter.processor.save_pretrained(tmp)
-            (tmp / "sam4mllm.json").write_text(json.dumps({
-                "family": self.adapter.family, "base": str(self.adapter.path), "finetune": self.t.finetune,
-                "variant": self.cfg.variant, "pqpp_mode": self.cfg.pqpp_mode, "step": self.step}))
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.rename(out)
+            save_finetuned(model, self.adapter, self.cfg, self.step, self.run_dir / "final")
         barrier()
 
     def cleanup(self) -> None:
@@ -566,6 +557,60 @@ class Trainer:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+def save_finetuned(model: torch.nn.Module, adapter: Any, cfg: Any, step: int, out: Path) -> Path:
+    """Write trained weights (``save_pretrained``: the LoRA adapter, or the whole tiny model), the
+    processor and ``sam4mllm.json`` (what ``load_finetuned`` reads) to ``out``, replacing it whole."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    adapter.processor.save_pretrained(tmp)
+    (tmp / "sam4mllm.json").write_text(json.dumps({
+        "family": adapter.family, "base": str(adapter.path), "finetune": cfg.train.finetune,
+        "variant": cfg.variant, "pqpp_mode": cfg.pqpp_mode, "step": step}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def export_checkpoint(run_dir: str | Path, tag: str | None = None, out: str | Path | None = None) -> Path:
+    """Write checkpoint ``tag`` of a run (default: the latest) as a folder laid out as ``run_dir/final``,
+    which ``scripts/eval.py checkpoint=<folder>`` loads; ``out`` defaults to ``run_dir/exported/<tag>``.
+
+    The model is built from the config the checkpoint's meta file holds, on the CPU, and its trainable
+    weights are taken from the checkpoint: plain PyTorch's ``<tag>.pt``, or DeepSpeed's fp32 master
+    weights, gathered across the ZeRO partitions by DeepSpeed's own reader (which, as a resume does,
+    unpickles DeepSpeed's files: export only runs you trust).
+    """
+    ckpt = Path(run_dir) / "checkpoints"
+    if tag is None:
+        if not (ckpt / "latest").exists():
+            raise FileNotFoundError(f"{ckpt}/latest does not exist: the run saved no checkpoint (train.save_every)")
+        tag = (ckpt / "latest").read_text().strip()
+    meta_path = ckpt / f"{tag}.meta.json"
+    if not meta_path.exists():
+        saved = sorted(p.name.removesuffix(".meta.json") for p in ckpt.glob("step-*.meta.json"))
+        raise FileNotFoundError(f"no checkpoint {tag} in {ckpt} (saved: {saved or 'none'})")
+    meta = json.loads(meta_path.read_text())
+    cfg = OmegaConf.create(meta["config"])
+    cfg.model.device = "cpu"
+    adapter = build(cfg.model)
+    apply_finetuning(adapter, cfg.train)  # the same trainable parameters, under the same names
+    if (ckpt / f"{tag}.pt").exists():
+        weights = torch.load(ckpt / f"{tag}.pt", map_location="cpu", weights_only=True)["model"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag, exclude_frozen_parameters=True)
+    params = {n: p for n, p in adapter.model.named_parameters() if p.requires_grad}
+    if weights.keys() != params.keys():
+        odd = sorted(weights.keys() ^ params.keys())
+        raise KeyError(f"{tag} holds other trainable parameters than its config builds, e.g. {odd[:3]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    return save_finetuned(adapter.model, adapter, cfg, meta["step"], Path(out or Path(run_dir) / "exported" / tag))
 
 
 def train(cfg: Any) -> list[dict[str, float]]:
