@@ -27,7 +27,7 @@ from sam4mllm.labels import generate_labels, label_stats
 def _run(data_dir: Path, out: Path) -> tuple[float, bytes]:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="gen_labels", overrides=[
-            "+exp=pqpp", f"paths.data_dir={data_dir}", f"out_dir={out}", "progress=false"])
+            "+exp=pqpp", f"paths.data_dir={data_dir}", f"out_dir={out}", "progress=false", "overlays=0"])
     t0 = time.perf_counter()
     merged = generate_labels(cfg)
     return time.perf_counter() - t0, merged.read_bytes()

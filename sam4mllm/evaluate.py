@@ -47,7 +47,7 @@ from sam4mllm.shards import (
     shard_path,
     write_records,
 )
-from sam4mllm.viz import overlay, save_png, side_by_side, spread
+from sam4mllm.viz import display_scale, overlay, save_png, side_by_side, spread
 
 log = logging.getLogger(__name__)
 PRED_FORMAT, PRED_VERSION, MERGED = "sam4mllm-predictions", 1, "predictions.jsonl"
@@ -161,7 +161,7 @@ def _write_prediction(image: np.ndarray, path: Path, text: str, result: SegmentR
                                                else union.astype(np.uint8) * 255))
     verdict = "no target" if result.no_target else "" if result.valid else f"unparseable: {result.reason}"
     picture = overlay(image, masks=result.masks, boxes=result.boxes, points=[p for g in result.points for p in g],
-                      labels=[lb for g in result.labels for lb in g], scale=max(1, 512 // max(image.shape[:2])),
+                      labels=[lb for g in result.labels for lb in g], scale=display_scale(image.shape, 512),
                       title=verdict or None)
     save_png(out / "overlay.png", side_by_side([picture], text))
     return record
@@ -411,9 +411,10 @@ def write_overlays(predictions: Path, ds: Any, out_dir: Path, n: int) -> list[Pa
                              said_no_target(r.get("no_target"), sample.task))
         verdict = ("no target" if r.get("no_target") else f"IoU {score.iou:.3f}") + (
             "" if r["valid"] else f", invalid: {r['reason']}")
-        gt = overlay(sample.image, masks=sample.masks, boxes=sample.boxes, scale=4, ignore=sample.ignore,
+        scale = display_scale(sample.image.shape)
+        gt = overlay(sample.image, masks=sample.masks, boxes=sample.boxes, scale=scale, ignore=sample.ignore,
                      title="ground truth" if sample.masks else "ground truth: no target")
         pred = overlay(sample.image, masks=masks, boxes=r["boxes"], points=[p for g in r["points"] for p in g],
-                       labels=[lb for g in r["labels"] for lb in g], scale=4, title=f"prediction: {verdict}")
+                       labels=[lb for g in r["labels"] for lb in g], scale=scale, title=f"prediction: {verdict}")
         paths.append(save_png(out_dir / f"{int(r['index']):05d}.png", side_by_side([gt, pred], sample.expression)))
     return paths

@@ -31,7 +31,7 @@ from sam4mllm.data.errors import UNREADABLE, MalformedSampleError
 from sam4mllm.device import config_on_device
 from sam4mllm.sam.base import Segmenter
 from sam4mllm.shards import ShardWriter, assign, iter_records, merge_shards, read_shard, shard_from_env, shard_path
-from sam4mllm.viz import overlay, save_png, side_by_side, spread
+from sam4mllm.viz import display_scale, overlay, save_png, side_by_side, spread
 
 log = logging.getLogger(__name__)
 LABEL_FORMAT = "sam4mllm-labels"
@@ -279,11 +279,12 @@ def write_label_overlays(labels: Path, ds: SegDataset, out_dir: Path, n: int,
         title = ("label: no target" if not targets
                  else "PPG label: IoU " + ", ".join(f"{t['iou']:.3f}" for t in targets) if header["variant"] == "ppg"
                  else f"PQPP label: {inside} of {sum(len(t['labels']) for t in targets)} points inside")
-        gt = overlay(sample.image, masks=sample.masks, boxes=sample.boxes, scale=4,
+        scale = display_scale(sample.image.shape)
+        gt = overlay(sample.image, masks=sample.masks, boxes=sample.boxes, scale=scale,
                      title="ground truth" if sample.masks else "ground truth: no target")
         right = overlay(sample.image, masks=masks, boxes=[t["box"] for t in targets],
                         points=[p for t in targets for p in t["points"]],
-                        labels=[lb for t in targets for lb in t["labels"]], scale=4, title=title)
+                        labels=[lb for t in targets for lb in t["labels"]], scale=scale, title=title)
         paths.append(save_png(out_dir / f"{j:05d}.png", side_by_side([gt, right], sample.expression)))
     return paths
 

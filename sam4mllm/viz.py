@@ -65,6 +65,12 @@ def overlay(
     return out
 
 
+def display_scale(shape: Sequence[int], side: int = 400) -> int:
+    """The whole-number enlargement that brings an image's longer side near ``side`` pixels, at least 1:
+    a 100-px synthetic image is drawn 4x, so that its points stay visible, and a COCO photo as it is."""
+    return max(1, side // max(shape[:2]))
+
+
 def spread(total: int, n: int) -> np.ndarray:
     """Up to ``n`` indices spread evenly over ``range(total)``, first and last included: consecutive
     samples often share one image, so the first ``n`` would show few of them."""

@@ -328,13 +328,13 @@ def test_overlays_show_the_ground_truth_beside_the_prediction_and_its_iou(tmp_pa
     assert [p.name for p in written] == ["00000.png", "00005.png", "00009.png"]
     for png, i in zip(written, (0, 5, 9), strict=True):
         out = np.asarray(Image.open(png).convert("RGB"))
-        left = overlay(image, masks=sample(i).masks, boxes=sample(i).boxes, scale=4, ignore=sample(i).ignore,
+        left = overlay(image, masks=sample(i).masks, boxes=sample(i).boxes, scale=33, ignore=sample(i).ignore,
                        title="ground truth: no target" if i == 9 else "ground truth")
         right = overlay(image, masks=[] if i == 9 else [half], boxes=[] if i == 9 else [[2, 2, 6, 4]],
-                        points=[] if i == 9 else [[3, 3]], labels=[] if i == 9 else [1], scale=4,
+                        points=[] if i == 9 else [[3, 3]], labels=[] if i == 9 else [1], scale=33,
                         title={0: "prediction: IoU 0.500", 5: "prediction: IoU 0.667", 9: "prediction: no target"}[i])
-        assert out.shape == (14 + 40, 48 + 4 + 48, 3)
-        assert np.array_equal(out[14:, :48], np.asarray(left)) and np.array_equal(out[14:, 52:], np.asarray(right))
+        assert out.shape == (14 + 330, 396 + 4 + 396, 3)  # 12 px wide, drawn 33x (400 // 12)
+        assert np.array_equal(out[14:, :396], np.asarray(left)) and np.array_equal(out[14:, 400:], np.asarray(right))
 
 
 def test_unreadable_samples_are_counted_left_out_and_retried_on_resume(workspace, synthetic, tmp_path, monkeypatch):

@@ -141,11 +141,12 @@ def test_label_overlays_show_the_ground_truth_beside_the_label_and_the_mask_its_
 
     from sam4mllm import labels
     from sam4mllm.metrics import score_sample
+    from sam4mllm.viz import display_scale
 
     drawn = []
     real = labels.overlay
     monkeypatch.setattr(labels, "overlay",
-                        lambda image, **kw: drawn.append({**kw, "width": image.shape[1]}) or real(image, **kw))
+                        lambda image, **kw: drawn.append({**kw, "shape": image.shape}) or real(image, **kw))
     merged = generate_labels(_cfg(_data_dir(synthetic), tmp_path, f"+exp={variant}", "dataset=synthetic_gres",
                                   "split=val", "overlays=1000"))
     sentences = [s for r in read_shard(merged)[1] for s in r["samples"]]
@@ -163,7 +164,8 @@ def test_label_overlays_show_the_ground_truth_beside_the_label_and_the_mask_its_
         else:
             assert [score_sample(m, g).iou for m, g in zip(right["masks"], gt["masks"], strict=True)] == \
                    pytest.approx([t["iou"] for t in targets], abs=1e-9)
-        assert Image.open(png).width == 2 * 4 * gt["width"] + 4  # two panels at scale 4, a 4-px gap
+        assert Image.open(png).width == 2 * gt["scale"] * gt["shape"][1] + 4  # two panels, a 4-px gap
+        assert gt["scale"] == right["scale"] == display_scale(gt["shape"])
     # Run again, the finished job only draws: its picks replace the last run's.
     generate_labels(_cfg(_data_dir(synthetic), tmp_path, f"+exp={variant}", "dataset=synthetic_gres", "split=val",
                          "overlays=2"))

@@ -1,7 +1,7 @@
 import numpy as np
 from PIL import Image
 
-from sam4mllm.viz import IGNORED, NEGATIVE, PALETTE, POSITIVE, overlay, save_overlay, side_by_side
+from sam4mllm.viz import IGNORED, NEGATIVE, PALETTE, POSITIVE, display_scale, overlay, save_overlay, side_by_side
 
 
 def test_overlay_tints_masks_outlines_them_and_marks_points(tmp_path):
@@ -54,3 +54,9 @@ def test_overlay_tints_ignored_pixels_grey_under_the_masks():
     assert out[2, 2].tolist() == [round(0.5 * g + 0.5 * c) for g, c in zip(grey, PALETTE[0], strict=True)]
     assert out[2, 3].tolist() == [round(0.5 * 100 + 0.5 * c) for c in PALETTE[0]]  # mask only
     assert out[0, 4].tolist() == [100, 100, 100]                                       # neither
+
+
+def test_small_images_are_enlarged_to_about_400_pixels_and_photos_drawn_as_they_are():
+    assert [display_scale((h, w)) for h, w in [(100, 100), (480, 640), (10, 12), (150, 200), (900, 1200)]] == \
+           [4, 1, 33, 2, 1]
+    assert display_scale((100, 100, 3), side=512) == 5  # predict.py's single panel; a colour image's shape

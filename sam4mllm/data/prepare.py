@@ -16,7 +16,7 @@ from sam4mllm.data.base import load_image
 from sam4mllm.data.errors import CorruptImageError, MalformedSampleError
 from sam4mllm.data.synthetic import generate_synthetic
 from sam4mllm.report import markdown_table
-from sam4mllm.viz import save_overlay, spread
+from sam4mllm.viz import display_scale, save_overlay, spread
 
 log = logging.getLogger(__name__)
 SYNTHETIC_VIEWS = ("synthetic", "synthetic_gres", "synthetic_reasonseg", "synthetic_vqa")
@@ -112,5 +112,5 @@ def _write_overlays(dataset_cfg: Any, out_dir: Path, n: int) -> None:
         s = ds[int(i)]
         title = s.expression if s.answers is None else f"{s.expression} -> {s.answers[0]}"
         save_overlay(out_dir / f"{i:03d}.png", s.image, masks=s.masks, boxes=s.boxes, ignore=s.ignore, title=title,
-                     scale=4)
+                     scale=display_scale(s.image.shape))
         (out_dir / f"{i:03d}.txt").write_text(title + "\n")
