@@ -52,11 +52,13 @@ def overlay(
     if scale != 1:
         out = out.resize((out.width * scale, out.height * scale), Image.NEAREST)
     draw = ImageDraw.Draw(out)
+    # Lines and points grow with the picture too, so that they stay visible on a large photo drawn 1x.
+    side = max(out.size)
+    line, r = max(scale, round(side / 400)), max(2, 2 * scale, round(side / 160))
     for k, b in enumerate(np.asarray(boxes, dtype=float).reshape(-1, 4)):
         x1, y1, x2, y2 = (v * scale for v in b)
         # Exclusive right/bottom edges: the outline sits on the last covered pixel.
-        draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=PALETTE[k % len(PALETTE)], width=scale)
-    r = max(2, 2 * scale)
+        draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=PALETTE[k % len(PALETTE)], width=line)
     for (x, y), lab in zip(np.asarray(points, dtype=float).reshape(-1, 2), labels, strict=True):
         cx, cy = (x + 0.5) * scale, (y + 0.5) * scale
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=POSITIVE if lab else NEGATIVE, outline=(0, 0, 0))

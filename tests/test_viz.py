@@ -60,3 +60,10 @@ def test_small_images_are_enlarged_to_about_400_pixels_and_photos_drawn_as_they_
     assert [display_scale((h, w)) for h, w in [(100, 100), (480, 640), (10, 12), (150, 200), (900, 1200)]] == \
            [4, 1, 33, 2, 1]
     assert display_scale((100, 100, 3), side=512) == 5  # predict.py's single panel; a colour image's shape
+
+
+def test_points_and_box_lines_stay_visible_on_a_photo_drawn_as_it_is():
+    photo = np.zeros((480, 640, 3), np.uint8)
+    out = np.asarray(overlay(photo, boxes=[[100, 100, 300, 300]], points=[[400, 200]], labels=[1]))
+    assert (out[200, 400 - 3:400 + 4] == POSITIVE).all()   # a 4-px radius, not 2
+    assert (out[150, 100:102] == PALETTE[0]).all() and not (out[150, 102] == PALETTE[0]).all()  # a 2-px line
