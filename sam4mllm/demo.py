@@ -331,7 +331,7 @@ def run_demo(cfg: Any) -> list[list[Any]]:
                                                   "config": OmegaConf.to_container(cfg, resolve=True)},
                                                  indent=1))
     print(f"\nOverlays: {out / 'eval'}/<variant>/<view>/overlays/*.png; of the training labels: "
-          f"{labels['ppg'][0].parents[2]}/<variant>/<view>/train/overlays/*.png")
+          f"{labels['ppg'][0].parents[3]}/<variant>/<view>/train/overlays/*.png")
     first = build_dataset(datasets[0], "val").records[0]  # any image and sentence will do
     print(f"One image through the trained PQPP model: python scripts/predict.py image={first['image_path']} "
           f"\"text='{first['expression']}'\" model={cfg.backbone} paths.output_dir={cfg.paths.output_dir} "

@@ -11,6 +11,7 @@ learning test (held-out val, `make test-learning`) and, in CI, by its reduced ve
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -45,7 +46,12 @@ def test_demo_pipeline_runs_end_to_end_and_is_deterministic(tmp_path, capsys):
     whole, gt_box, oracle = rows[0], rows[2], rows[3]
     assert oracle[1] > 0.9 and oracle[5] == 1.0 and whole[1] < 0.5  # the segmenter's ceiling and the floor
     assert gt_box[1] > 0.9 and gt_box[5] == 1.0
-    assert "| SAM4MLLM-PQPP" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| SAM4MLLM-PQPP" in printed
+    # The label overlays are where the demo says they are, for both variants and views.
+    labels = re.search(r"of the training labels: (\S+)/<variant>/<view>/train/overlays", printed).group(1)
+    assert all(list(Path(labels, v, view, "train", "overlays").glob("*.png"))
+               for v in ("ppg", "pqpp") for view in ("synthetic", "synthetic_gres"))
     assert list((tmp_path / "demo_a" / "eval" / "pqpp" / "synthetic" / "overlays").glob("*.png"))
     # Same seed, fresh run folder (training reused only through the run folder): the same table.
     again = run_demo(_cfg(tmp_path, tmp_path / "demo_b"))
