@@ -264,10 +264,14 @@ def write_label_overlays(labels: Path, ds: SegDataset, out_dir: Path, n: int,
         old.unlink(missing_ok=True)  # another shard finishing at once may draw the same ones
     items = ds.by_image()
     labelled = [(r["index"], s) for r in records for s in r["samples"]]
-    paths = []
+    paths, unreadable = [], 0
     for j in spread(len(labelled), n):
         k, label = labelled[j]
-        sample = next(s for _, s in ds.samples(items[k][1], strict=True) if s.sample_id == label["sample_id"])
+        sample = next((s for _, s in ds.samples(items[k][1])
+                       if not isinstance(s, Exception) and s.sample_id == label["sample_id"]), None)
+        if sample is None:  # its image went missing or bad since it was labelled
+            unreadable += 1
+            continue
         targets = label["targets"]
         masks = []
         if header["variant"] == "ppg" and segmenter is not None and targets:
@@ -286,6 +290,8 @@ def write_label_overlays(labels: Path, ds: SegDataset, out_dir: Path, n: int,
                         points=[p for t in targets for p in t["points"]],
                         labels=[lb for t in targets for lb in t["labels"]], scale=scale, title=title)
         paths.append(save_png(out_dir / f"{j:05d}.png", side_by_side([gt, right], sample.expression)))
+    if unreadable:
+        log.warning("%d label overlays left out: their images cannot be read any more", unreadable)
     return paths
 
 

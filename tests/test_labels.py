@@ -134,7 +134,7 @@ def test_ppg_job_decodes_and_embeds_each_image_once_and_covers_every_sentence(sy
 
 @pytest.mark.parametrize("variant", ["ppg", "pqpp"])
 def test_label_overlays_show_the_ground_truth_beside_the_label_and_the_mask_its_points_give(synthetic, tmp_path,
-                                                                                          monkeypatch, variant):
+                                                                                          monkeypatch, caplog, variant):
     """Every labelled sentence (GRES: several targets, none) drawn: the GT on the left; on the right the
     label's boxes and points and, for PPG, the segmenter's mask of them, whose IoU is the recorded one."""
     from PIL import Image
@@ -166,11 +166,18 @@ def test_label_overlays_show_the_ground_truth_beside_the_label_and_the_mask_its_
                    pytest.approx([t["iou"] for t in targets], abs=1e-9)
         assert Image.open(png).width == 2 * gt["scale"] * gt["shape"][1] + 4  # two panels, a 4-px gap
         assert gt["scale"] == right["scale"] == display_scale(gt["shape"])
-    # Run again, the finished job only draws: its picks replace the last run's.
-    generate_labels(_cfg(_data_dir(synthetic), tmp_path, f"+exp={variant}", "dataset=synthetic_gres", "split=val",
-                         "overlays=2"))
-    last = f"{len(sentences) - 1:05d}.png"
-    assert [p.name for p in sorted((tmp_path / "overlays").glob("*.png"))] == ["00000.png", last]
+    # Run again, the finished job only draws: its picks replace the last run's; one whose image has
+    # gone missing since is left out and counted, the others drawn.
+    import logging
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic.root, data / "synthetic")
+    (data / "synthetic/coco/train2014" / Path(read_shard(merged)[1][0]["image_path"]).name).unlink()
+    with caplog.at_level(logging.WARNING, logger="sam4mllm.labels"):
+        generate_labels(_cfg(data, tmp_path, f"+exp={variant}", "dataset=synthetic_gres", "split=val", "overlays=2"))
+    assert [p.name for p in (tmp_path / "overlays").glob("*.png")] == [f"{len(sentences) - 1:05d}.png"]
+    assert "1 label overlays left out: their images cannot be read any more" in caplog.text
 
 
 def test_gres_labels_have_one_prompt_set_per_target_and_none_for_no_target(synthetic, tmp_path):
