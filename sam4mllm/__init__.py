@@ -15,3 +15,16 @@ OmegaConf.register_new_resolver("trained_variant", lambda variant: "pqpp" if var
                                 replace=True)
 # A file's name without its folder and suffix (configs/predict.yaml names its output folder after the image).
 OmegaConf.register_new_resolver("stem", lambda path: Path(str(path)).stem, replace=True)
+
+
+def checkpoint_tag(checkpoint: object) -> str:
+    """What an evaluation's folder adds to its name for weights other than a run's final ones (an
+    exported step: ``@step-0001000``; the untrained backbone: ``@untrained``), so that scoring them
+    never meets the final weights' predictions in one folder (``configs/eval.yaml``)."""
+    if checkpoint is None:
+        return "@untrained"
+    name = Path(str(checkpoint)).name
+    return "" if name == "final" else f"@{name}"
+
+
+OmegaConf.register_new_resolver("checkpoint_tag", checkpoint_tag, replace=True)

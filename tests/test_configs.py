@@ -119,3 +119,16 @@ def test_an_evaluation_loads_the_run_its_variant_was_trained_as():
             assert cfg.out_dir.startswith(f"/out/eval/{variant}-")  # its results stay its own
         train = compose(config_name="train", overrides=["+exp=pqpp", "paths.output_dir=/out"])
         assert train.run_dir == f"/out/runs/pqpp-{train.model.family}"  # where that checkpoint comes from
+
+
+def test_an_evaluation_of_other_weights_than_a_runs_final_ones_gets_a_folder_of_its_own():
+    """An exported step or the untrained backbone does not meet the final weights' predictions."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        def out_dir(*checkpoint: str) -> str:
+            return compose(config_name="eval", overrides=["paths.output_dir=/out", "eval=table6a", *checkpoint]).out_dir
+
+        base = out_dir()
+        assert base.endswith("/synthetic-val/table6a")
+        assert out_dir("checkpoint=null") == base + "@untrained"
+        assert out_dir("checkpoint=/out/runs/pqpp-x/exported/step-0000002") == base + "@step-0000002"
+        assert out_dir("checkpoint=/elsewhere/run/final") == base  # any run's final weights, as before

@@ -647,7 +647,7 @@ def test_rethresholding_an_evaluation_that_kept_every_answer_equals_evaluating_a
         records[name] = _records(cfg.out_dir)
         if name == "table6a":
             swept = threshold_sweep(cfg, GrabCutSegmenter())
-    out = tmp_path / "pqpp-qwen2vl" / "refcocog-val" / "thr0.8"
+    out = tmp_path / "pqpp-qwen2vl" / "refcocog-val" / "thr0.8@untrained"  # tagged as its checkpoint=null run
     drop = ("seconds_per_sample",)  # the re-segmented file has no model timings
     assert {k: v for k, v in swept[0].items() if k not in drop} == {
         "threshold": 0.8, **{k: v for k, v in runs["direct"].items() if k not in drop}}
