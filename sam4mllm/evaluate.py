@@ -130,6 +130,7 @@ def predict_image(cfg: Any, predictor: Any = None) -> list[dict[str, Any]]:
     texts = [cfg.text] if isinstance(cfg.text, str) else list(cfg.text)
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise ValueError(f"text={cfg.text!r}: a sentence, or a list of them (\"text=[the dog,the cat]\")")
+    _check_batch_size(cfg)
     path = Path(cfg.image)
     if not path.is_file():
         raise FileNotFoundError(f"no image at {path} (image=<path to a JPEG or PNG>)")
@@ -174,6 +175,11 @@ def _vqa_question(question: str) -> str:
     return VQA_PROMPT.format(question=question)
 
 
+def _check_batch_size(cfg: Any) -> None:
+    if cfg.eval.batch_size < 1:
+        raise ValueError(f"eval.batch_size={cfg.eval.batch_size}: sentences per round-1 batch must be >= 1")
+
+
 def evaluate(cfg: Any, predictor: Any = None) -> dict[str, Any] | None:
     """Predict this process's shard; once all shards are in, merge, score and write the reports.
 
@@ -185,8 +191,7 @@ def evaluate(cfg: Any, predictor: Any = None) -> dict[str, Any] | None:
     if sweep and (cfg.variant != "pqpp" or min(sweep) < floor):  # before hours of evaluating
         raise ValueError(f"eval.rethreshold={list(sweep)} re-segments PQPP's answers: it needs variant=pqpp and "
                          f"thresholds >= eval.pqpp's thresholds ({floor}), got variant={cfg.variant}")
-    if cfg.eval.batch_size < 1:
-        raise ValueError(f"eval.batch_size={cfg.eval.batch_size}: sentences per round-1 batch must be >= 1")
+    _check_batch_size(cfg)
     split = cfg.split or cfg.dataset.split
     ds = build_dataset(cfg.dataset, split)  # missing data fails here, before any model loads
     out_dir = Path(cfg.out_dir)

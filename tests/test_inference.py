@@ -581,6 +581,8 @@ def test_predict_writes_one_images_record_mask_and_overlay(workspace, adapter, t
         predict(box, "task=vqa")
     with pytest.raises(ValueError, match="a sentence, or a list"):
         predict(box, sentences="[]")
+    with pytest.raises(ValueError, match=r"eval\.batch_size=0: sentences per round-1 batch must be >= 1"):
+        predict(box, "eval.batch_size=0")
 
 
 def test_predict_script_as_typed_names_its_output_after_the_image_and_sentence(workspace):

@@ -210,12 +210,12 @@ class Trainer:
             raise ValueError(f"{len(self.data)} examples give no optimizer step at micro-batch "
                              f"{self.t.micro_batch_size} x accumulation {self.t.grad_accum} x {world()} ranks")
         self.data_digest = self.data.fingerprint()
-        val = self.cfg.data.get("val") or {}
+        val = (self.cfg.data.get("val") or {}) if self.t.val_every else {}
         if self.t.val_every and not val:
             raise ValueError("train.val_every needs data.val: validation label files by name, e.g. "
                              "data.val={refcoco:<outputs>/labels/pqpp/refcoco/val/labels.jsonl}")
         self.val = {name: label_examples(path, self.cfg.variant, name, leave_out=f"~data.val.{name}")
-                    for name, path in (val.items() if self.t.val_every else ())}
+                    for name, path in val.items()}
         self._build_optimization()
         resumed, changes = self._load_checkpoint() if self.cfg.resume else (None, [])
         if rank() == 0:
