@@ -1,5 +1,6 @@
 """SAM4MLLM: multi-modal LLMs that write Segment Anything prompts as plain text."""
 
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -17,14 +18,24 @@ OmegaConf.register_new_resolver("trained_variant", lambda variant: "pqpp" if var
 OmegaConf.register_new_resolver("stem", lambda path: Path(str(path)).stem, replace=True)
 
 
-def checkpoint_tag(checkpoint: object) -> str:
-    """What an evaluation's folder adds to its name for weights other than a run's final ones (an
-    exported step: ``@step-0001000``; the untrained backbone: ``@untrained``), so that scoring them
-    never meets the final weights' predictions in one folder (``configs/eval.yaml``)."""
+def checkpoint_tag(checkpoint: object, default_run: object) -> str:
+    """What an evaluation's folder adds to its name for weights other than the default run's final
+    ones, so that scoring them never meets those predictions in one folder (``configs/eval.yaml``):
+    ``@step-0001000`` for the default run's exported step, ``@<run>`` for another run's final weights
+    (``runs/pqpp-seed1/final``: ``@pqpp-seed1``), ``@<run>.step-0001000`` for its exported step,
+    ``@<folder>`` for any other folder and ``@untrained`` for the untrained backbone."""
     if checkpoint is None:
         return "@untrained"
-    name = Path(str(checkpoint)).name
-    return "" if name == "final" else f"@{name}"
+    path, run = Path(os.path.abspath(str(checkpoint))), Path(os.path.abspath(str(default_run)))
+    if path == run / "final":
+        return ""
+    if path.parent == run / "exported":
+        return f"@{path.name}"
+    if path.name == "final":
+        return f"@{path.parent.name}"
+    if path.parent.name == "exported":
+        return f"@{path.parent.parent.name}.{path.name}"
+    return f"@{path.name}"
 
 
 OmegaConf.register_new_resolver("checkpoint_tag", checkpoint_tag, replace=True)

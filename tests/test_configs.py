@@ -121,14 +121,26 @@ def test_an_evaluation_loads_the_run_its_variant_was_trained_as():
         assert train.run_dir == f"/out/runs/pqpp-{train.model.family}"  # where that checkpoint comes from
 
 
-def test_an_evaluation_of_other_weights_than_a_runs_final_ones_gets_a_folder_of_its_own():
-    """An exported step or the untrained backbone does not meet the final weights' predictions."""
+def test_an_evaluation_of_other_weights_than_the_default_runs_final_ones_gets_a_folder_of_its_own():
+    """An exported step, another run (another seed) or the untrained backbone does not meet the
+    default run's final predictions, nor each other's."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        def out_dir(*checkpoint: str) -> str:
-            return compose(config_name="eval", overrides=["paths.output_dir=/out", "eval=table6a", *checkpoint]).out_dir
+        def out_dir(*overrides: str) -> str:
+            return compose(config_name="eval", overrides=["paths.output_dir=/out", "eval=table6a", *overrides]).out_dir
 
         base = out_dir()
-        assert base.endswith("/synthetic-val/table6a")
+        assert base == "/out/eval/pqpp-qwen2vl/synthetic-val/table6a"
+        assert out_dir("checkpoint=/out/runs/pqpp-qwen2vl/final") == base
+        assert out_dir("checkpoint=/out/runs/pqpp-qwen2vl/../pqpp-qwen2vl/final") == base
         assert out_dir("checkpoint=null") == base + "@untrained"
-        assert out_dir("checkpoint=/out/runs/pqpp-x/exported/step-0000002") == base + "@step-0000002"
-        assert out_dir("checkpoint=/elsewhere/run/final") == base  # any run's final weights, as before
+        assert out_dir("checkpoint=/out/runs/pqpp-qwen2vl/exported/step-0000002") == base + "@step-0000002"
+        assert out_dir("checkpoint=/out/runs/pqpp-seed1/final") == base + "@pqpp-seed1"
+        assert out_dir("checkpoint=/elsewhere/pqpp-qwen2vl/final") == base + "@pqpp-qwen2vl"
+        assert out_dir("checkpoint=/out/runs/pqpp-seed1/exported/step-0000002") == base + "@pqpp-seed1.step-0000002"
+        assert out_dir("checkpoint=/out/merged") == base + "@merged"
+        # box-only reads the PQPP run: its final is box-only's default too
+        assert out_dir("variant=box_only") == "/out/eval/box_only-qwen2vl/synthetic-val/table6a"
+        assert out_dir("+exp=ppg", "checkpoint=/out/runs/pqpp-qwen2vl/final").endswith("/table6a@pqpp-qwen2vl")
+        predict = compose(config_name="predict", overrides=["paths.output_dir=/out", "image=/a/dog.jpg", "text=x",
+                                                            "checkpoint=/out/runs/pqpp-seed1/final"])
+        assert predict.out_dir == "/out/predict/pqpp-qwen2vl@pqpp-seed1/dog"
