@@ -10,6 +10,7 @@ curve as an uninterrupted one, and a resume over other data is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -545,10 +546,22 @@ class Trainer:
 
     def save_final(self) -> None:
         """The final adapter (``save_pretrained``) and processor in ``run_dir/final``."""
-        if rank() == 0:
-            model = self.engine.module if hasattr(self.engine, "module") else self.engine
-            save_finetuned(model, self.adapter, self.cfg, self.step, self.run_dir / "final")
+        model = self.engine.module if hasattr(self.engine, "module") else self.engine
+        with self._gathered(model):
+            if rank() == 0:
+                save_finetuned(model, self.adapter, self.cfg, self.step, self.run_dir / "final")
         barrier()
+
+    def _gathered(self, model: torch.nn.Module) -> Any:
+        """Under ZeRO-3 each rank holds a shard of every weight above DeepSpeed's persistence
+        threshold and ``save_pretrained`` would write empty tensors: gather, on every rank, the
+        weights it writes (LoRA: the trainable ones; full: all)."""
+        if not (self.use_ds and self.engine.zero_optimization_stage() == 3):
+            return contextlib.nullcontext()
+        import deepspeed
+
+        full = self.t.finetune == "full"
+        return deepspeed.zero.GatheredParameters([p for p in model.parameters() if full or p.requires_grad])
 
     def cleanup(self) -> None:
         """Finish logging and leave the process group cleanly."""
