@@ -21,21 +21,22 @@ OmegaConf.register_new_resolver("stem", lambda path: Path(str(path)).stem, repla
 def checkpoint_tag(checkpoint: object, default_run: object) -> str:
     """What an evaluation's folder adds to its name for weights other than the default run's final
     ones, so that scoring them never meets those predictions in one folder (``configs/eval.yaml``):
-    ``@step-0001000`` for the default run's exported step, ``@<run>`` for another run's final weights
-    (``runs/pqpp-seed1/final``: ``@pqpp-seed1``), ``@<run>.step-0001000`` for its exported step,
-    ``@<folder>`` for any other folder and ``@untrained`` for the untrained backbone."""
+    ``@step-0001000`` (exported) or ``@best`` for the default run's other weights, ``@<run>`` for
+    another run's final ones (``runs/pqpp-seed1/final``: ``@pqpp-seed1``), ``@<run>.step-0001000``
+    or ``@<run>.best`` for its others, ``@<folder>`` for any other folder, ``@untrained`` for the
+    untrained backbone."""
     if checkpoint is None:
         return "@untrained"
-    path, run = Path(os.path.abspath(str(checkpoint))), Path(os.path.abspath(str(default_run)))
-    if path == run / "final":
-        return ""
-    if path.parent == run / "exported":
+    path = Path(os.path.abspath(str(checkpoint)))
+    if path.parent.name == "exported":  # scripts/export_checkpoint.py: run_dir/exported/step-N
+        run, weights = path.parent.parent, path.name
+    elif path.name in ("final", "best"):
+        run, weights = path.parent, "" if path.name == "final" else path.name
+    else:
         return f"@{path.name}"
-    if path.name == "final":
-        return f"@{path.parent.name}"
-    if path.parent.name == "exported":
-        return f"@{path.parent.parent.name}.{path.name}"
-    return f"@{path.name}"
+    if run == Path(os.path.abspath(str(default_run))):
+        return f"@{weights}" if weights else ""
+    return f"@{run.name}" + (f".{weights}" if weights else "")
 
 
 OmegaConf.register_new_resolver("checkpoint_tag", checkpoint_tag, replace=True)

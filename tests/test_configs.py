@@ -138,6 +138,8 @@ def test_an_evaluation_of_other_weights_than_the_default_runs_final_ones_gets_a_
         assert out_dir("checkpoint=/elsewhere/pqpp-qwen2vl/final") == base + "@pqpp-qwen2vl"
         assert out_dir("checkpoint=/out/runs/pqpp-seed1/exported/step-0000002") == base + "@pqpp-seed1.step-0000002"
         assert out_dir("checkpoint=/out/merged") == base + "@merged"
+        assert out_dir("checkpoint=/out/runs/pqpp-qwen2vl/best") == base + "@best"
+        assert out_dir("checkpoint=/out/runs/pqpp-seed1/best") == base + "@pqpp-seed1.best"
         # box-only reads the PQPP run: its final is box-only's default too
         assert out_dir("variant=box_only") == "/out/eval/box_only-qwen2vl/synthetic-val/table6a"
         assert out_dir("+exp=ppg", "checkpoint=/out/runs/pqpp-qwen2vl/final").endswith("/table6a@pqpp-qwen2vl")

@@ -851,3 +851,36 @@ def test_two_rank_zero3_follows_one_process_and_its_final_folder_holds_whole_wei
                                                                           abs=1e-4)
     got, want = _adapter_weights(tmp_path / "z3" / "final"), _adapter_weights(export_checkpoint(tmp_path / "z3"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_save_best_keeps_the_weights_of_the_lowest_validation_loss_through_a_resume(workspace, tmp_path):
+    """``run_dir/best`` holds the weights of the step with the lowest val_loss (a rate high enough
+    that the loss rises after it), and a run resumed from that step keeps them: the lowest loss so
+    far is part of the checkpoint, so the later, worse steps do not replace them."""
+    from sam4mllm.training.trainer import export_checkpoint
+
+    header, *records = _val_labels(workspace, tmp_path)["refcoco"].read_text().splitlines()
+    val = tmp_path / "val.jsonl"
+    val.write_text("\n".join([header, *records[:6]]) + "\n")
+    common = ["train.max_steps=4", "train.optimizer.lr=3e-2", "train.schedule=constant",
+              "train.val_every=1", f"data.val.refcoco={val}", "~data.val.grefcoco", "train.save_every=1",
+              "train.save_best=true"]
+    hist = train(_cfg(workspace, tmp_path / "run", *common))
+    val_losses = [h["val_loss"] for h in hist]
+    best = 1 + int(np.argmin(val_losses))
+    assert best < len(hist), f"the test needs a val loss that rises after its lowest point: {val_losses}"
+    tag = f"step-{best:07d}"
+
+    def assert_best_is_the_exported_step() -> None:
+        got, want = (_adapter_weights(tmp_path / "run" / "best"),
+                     _adapter_weights(export_checkpoint(tmp_path / "run", tag, tmp_path / tag)))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+        assert json.loads((tmp_path / "run" / "best" / "sam4mllm.json").read_text())["step"] == best
+
+    assert_best_is_the_exported_step()
+    (tmp_path / "run" / "checkpoints" / "latest").write_text(tag)
+    again = train(_cfg(workspace, tmp_path / "run", *common, "resume=true"))
+    assert [h["val_loss"] for h in again] == pytest.approx(val_losses[best:], abs=1e-5)  # the same, worse steps
+    assert_best_is_the_exported_step()
+    with pytest.raises(ValueError, match=r"train\.save_best .* needs train\.val_every"):
+        train(_cfg(workspace, tmp_path / "none", "train.max_steps=1", "train.save_best=true"))

@@ -185,6 +185,7 @@ class Trainer:
         self.step = 0            # optimizer steps done
         self.epoch = 0
         self.micro = 0           # micro-batches consumed in the current epoch (this rank)
+        self.best_val = math.inf  # the val_loss of the weights in run_dir/best (train.save_best)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -215,6 +216,9 @@ class Trainer:
         if self.t.val_every and not val:
             raise ValueError("train.val_every needs data.val: validation label files by name, e.g. "
                              "data.val={refcoco:<outputs>/labels/pqpp/refcoco/val/labels.jsonl}")
+        if self.t.save_best and not self.t.val_every:
+            raise ValueError("train.save_best keeps the weights of the lowest validation loss: it needs "
+                             "train.val_every (and data.val)")
         self.val = {name: label_examples(path, self.cfg.variant, name, leave_out=f"~data.val.{name}")
                     for name, path in val.items()}
         self._build_optimization()
@@ -322,6 +326,9 @@ class Trainer:
                        "epoch": self.epoch}
                 if self.t.val_every and (self.step % self.t.val_every == 0 or self.step == self.total_steps):
                     rec |= self.validate()
+                    if self.t.save_best and rec["val_loss"] < self.best_val:  # before a checkpoint stores it
+                        self.best_val = rec["val_loss"]
+                        self._save_weights("best")
                 history.append(rec)
                 self._log(rec)
                 bar.update(1)
@@ -336,7 +343,7 @@ class Trainer:
         bar.close()
         if self.cfg.save_final:
             self.save_checkpoint()
-            self.save_final()
+            self._save_weights("final")
         if rank() == 0 and self.data.stats:
             log.info("dialogs cut or replaced: %s", dict(self.data.stats))
         return history
@@ -428,7 +435,7 @@ class Trainer:
     # ----------------------------------------------------------- checkpoints
     def _state(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "micro": self.micro,
-                "micro_batch_size": self.t.micro_batch_size}
+                "micro_batch_size": self.t.micro_batch_size, "best_val_loss": self.best_val}
 
     def _resumed_micro(self, state: dict[str, Any], tag: str) -> int:
         """The micro-batch of the saved epoch to go on from, in this run's micro-batch size: a run that
@@ -536,6 +543,7 @@ class Trainer:
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.micro = state["step"], state["epoch"], self._resumed_micro(state, tag)
+        self.best_val = state.get("best_val_loss", math.inf)
         rng = torch.load(self._rng_path(tag), map_location="cpu", weights_only=True)
         torch.set_rng_state(rng["torch_rng"])
         random.setstate(rng["python_rng"])
@@ -544,12 +552,13 @@ class Trainer:
         log.info("resumed from step %d (epoch %d, micro-batch %d)", self.step, self.epoch, self.micro)
         return tag, changes
 
-    def save_final(self) -> None:
-        """The final adapter (``save_pretrained``) and processor in ``run_dir/final``."""
+    def _save_weights(self, name: str) -> None:
+        """The adapter (``save_pretrained``) and processor as they are now in ``run_dir/<name>``
+        (``final``; ``best``: the lowest validation loss so far)."""
         model = self.engine.module if hasattr(self.engine, "module") else self.engine
         with self._gathered(model):
             if rank() == 0:
-                save_finetuned(model, self.adapter, self.cfg, self.step, self.run_dir / "final")
+                save_finetuned(model, self.adapter, self.cfg, self.step, self.run_dir / name)
         barrier()
 
     def _gathered(self, model: torch.nn.Module) -> Any:
