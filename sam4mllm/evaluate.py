@@ -388,13 +388,12 @@ def rethreshold(predictions: str | Path, out_dir: str | Path, dataset_cfg: Any, 
 
 def threshold_sweep(cfg: Any, segmenter: Any = None) -> list[dict[str, Any]]:
     """:func:`rethreshold` of the evaluation in ``cfg.out_dir`` at each of ``cfg.eval.rethreshold``,
-    into sibling folders ``thr<t>`` (the names of the Table 6 configs, with the evaluation's checkpoint tag,
-    ``@...``); their metrics."""
+    into sibling folders ``thr<t>`` (the names of the Table 6 configs, with the ``weights_tag`` of the
+    evaluation's checkpoint); their metrics."""
     segmenter = segmenter or build(cfg.sam)
     out = Path(cfg.out_dir)
-    _, at, weights = out.name.partition("@")  # beside the evaluation's folder, named for the same weights
-    tag = at + weights
-    return [{"threshold": t, **rethreshold(out / MERGED, out.parent / f"thr{t:g}{tag}", cfg.dataset, segmenter, t)}
+    return [{"threshold": t, **rethreshold(out / MERGED, out.parent / f"thr{t:g}{cfg.weights_tag}", cfg.dataset,
+                                           segmenter, t)}
             for t in cfg.eval.rethreshold]
 
 

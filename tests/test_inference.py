@@ -641,8 +641,7 @@ def test_rethresholding_an_evaluation_that_kept_every_answer_equals_evaluating_a
     box = "<|box_start|>(100,150),(600,700)<|box_end|>"
     runs, records = {}, {}
     for name, t in (("table6a", 0.0), ("direct", 0.8)):
-        cfg = _eval_cfg(workspace, tmp_path / "pqpp-qwen2vl" / "refcocog-val" / f"{name}@untrained",  # as eval.yaml
-                        "dataset=synthetic_gres",
+        cfg = _eval_cfg(workspace, tmp_path / "pqpp-qwen2vl" / "refcocog-val" / name, "dataset=synthetic_gres",
                         f"eval.pqpp.threshold={t}", "eval.rethreshold=[0.8]")
         # 25 grid answers per box with P(Yes) from 0 to 1: confidences from 1 down to 0.5 and back
         predictor = Scripted(adapter, "pqpp", box, p_yes=lambda n: np.linspace(0, 1, n), pqpp=PQPPConfig(threshold=t))
@@ -650,7 +649,7 @@ def test_rethresholding_an_evaluation_that_kept_every_answer_equals_evaluating_a
         records[name] = _records(cfg.out_dir)
         if name == "table6a":
             swept = threshold_sweep(cfg, GrabCutSegmenter())
-    out = tmp_path / "pqpp-qwen2vl" / "refcocog-val" / "thr0.8@untrained"  # with the folder's checkpoint tag
+    out = tmp_path / "pqpp-qwen2vl" / "refcocog-val" / "thr0.8@untrained"  # tagged as its checkpoint=null run
     drop = ("seconds_per_sample",)  # the re-segmented file has no model timings
     assert {k: v for k, v in swept[0].items() if k not in drop} == {
         "threshold": 0.8, **{k: v for k, v in runs["direct"].items() if k not in drop}}
@@ -663,8 +662,7 @@ def test_rethresholding_an_evaluation_that_kept_every_answer_equals_evaluating_a
     with pytest.raises(ValueError, match=r"eval.pqpp.threshold=0.6 or lower"):
         rethreshold(out / "predictions.jsonl", tmp_path / "x", cfg.dataset, GrabCutSegmenter(), 0.6)
     # A file written before predictions recorded a separate "Yes" bar is read as symmetric (0.8 for both).
-    direct = tmp_path / "pqpp-qwen2vl" / "refcocog-val" / "direct@untrained"
-    lines = (direct / "predictions.jsonl").read_text().splitlines()
+    lines = (tmp_path / "pqpp-qwen2vl" / "refcocog-val" / "direct" / "predictions.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
     assert first["header"].pop("pqpp_yes_threshold") == 0.8
     old = tmp_path / "old.jsonl"
