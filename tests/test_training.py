@@ -884,3 +884,24 @@ def test_save_best_keeps_the_weights_of_the_lowest_validation_loss_through_a_res
     assert_best_is_the_exported_step()
     with pytest.raises(ValueError, match=r"train\.save_best .* needs train\.val_every"):
         train(_cfg(workspace, tmp_path / "none", "train.max_steps=1", "train.save_best=true"))
+
+
+def test_a_deepspeed_full_finetune_of_a_model_with_tied_embeddings_exports_as_its_final_folder(workspace, tmp_path):
+    """The tiny Qwen2-VL ties lm_head to the embeddings; DeepSpeed's reader lists the weight under both
+    names, the model once. Exported, the checkpoint holds the final folder's weights bit for bit."""
+    from safetensors.torch import load_file
+
+    from sam4mllm.training.trainer import export_checkpoint
+
+    a = instantiate(workspace("train", "+exp=pqpp").model)
+    names = {n for n, _ in a.model.named_parameters(remove_duplicate=False)}
+    assert "lm_head.weight" in names - {n for n, _ in a.model.named_parameters()}  # tied: the test's premise
+    args = [sys.executable, "scripts/train.py", "+exp=pqpp", *workspace.base, "progress=false",
+            f"run_dir={tmp_path / 'run'}", "train.finetune=full", "train.max_steps=1", "train.micro_batch_size=1",
+            "train.grad_accum=1", "train.optimizer.lr=1e-3"]
+    r = subprocess.run(args, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "stage: 2" in (tmp_path / "run" / "config.yaml").read_text()
+    got = load_file(export_checkpoint(tmp_path / "run") / "model.safetensors")
+    want = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)

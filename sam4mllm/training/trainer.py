@@ -564,13 +564,12 @@ class Trainer:
     def _gathered(self, model: torch.nn.Module) -> Any:
         """Under ZeRO-3 each rank holds a shard of every weight above DeepSpeed's persistence
         threshold and ``save_pretrained`` would write empty tensors: gather, on every rank, the
-        weights it writes (LoRA: the trainable ones; full: all)."""
+        weights it writes, the trainable ones (LoRA: the adapter and the modules saved whole; full: all)."""
         if not (self.use_ds and self.engine.zero_optimization_stage() == 3):
             return contextlib.nullcontext()
         import deepspeed
 
-        full = self.t.finetune == "full"
-        return deepspeed.zero.GatheredParameters([p for p in model.parameters() if full or p.requires_grad])
+        return deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad])
 
     def cleanup(self) -> None:
         """Finish logging and leave the process group cleanly."""
@@ -626,6 +625,9 @@ def export_checkpoint(run_dir: str | Path, tag: str | None = None, out: str | Pa
 
         weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag, exclude_frozen_parameters=True)
     params = {n: p for n, p in adapter.model.named_parameters() if p.requires_grad}
+    # DeepSpeed's reader also lists a tied weight under its alias (lm_head.weight beside embed_tokens')
+    tied = {n for n, _ in adapter.model.named_parameters(remove_duplicate=False)} - params.keys()
+    weights = {n: w for n, w in weights.items() if n not in tied}
     if weights.keys() != params.keys():
         odd = sorted(weights.keys() ^ params.keys())
         raise KeyError(f"{tag} holds other trainable parameters than its config builds, e.g. {odd[:3]}")
