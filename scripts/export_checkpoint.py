@@ -15,4 +15,6 @@ if __name__ == "__main__":
     ap.add_argument("--tag", default=None, help="step-NNNNNNN (default: the latest checkpoint)")
     ap.add_argument("--out", default=None, help="the folder to write (default: run_dir/exported/<tag>)")
     args = ap.parse_args()
-    print(f"checkpoint exported to {export_checkpoint(args.run_dir, args.tag, args.out)}")
+    out = export_checkpoint(args.run_dir, args.tag, args.out)
+    print(f"checkpoint exported to {out}; score it with: python scripts/eval.py checkpoint={out} (and the run's "
+          "model=... and dataset overrides)")

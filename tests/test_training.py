@@ -527,6 +527,12 @@ def test_an_exported_checkpoint_is_the_final_folder_a_run_stopped_there_writes(w
         assert json.loads((exported / "sam4mllm.json").read_text()) == json.loads((final / "sam4mllm.json").read_text())
     assert not all(torch.equal(a, b) for a, b in zip(_adapter_weights(at_2).values(),
                                                      _adapter_weights(latest).values(), strict=True))
+    typed = subprocess.run([sys.executable, "scripts/export_checkpoint.py", str(tmp_path / "four"), "--tag",
+                            "step-0000002", "--out", str(tmp_path / "typed")], cwd=ROOT, capture_output=True, text=True)
+    assert typed.returncode == 0, typed.stderr[-3000:]
+    assert f"python scripts/eval.py checkpoint={tmp_path / 'typed'} " in typed.stdout
+    got, want = _adapter_weights(tmp_path / "typed"), _adapter_weights(at_2)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
     load_finetuned(instantiate(workspace("train", "+exp=pqpp").model), at_2)
     with pytest.raises(FileNotFoundError, match=r"no checkpoint step-0000003 .*'step-0000002', 'step-0000004'"):
         export_checkpoint(tmp_path / "four", "step-0000003")

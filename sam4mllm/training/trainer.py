@@ -329,6 +329,9 @@ class Trainer:
                     if self.t.save_best and rec["val_loss"] < self.best_val:  # before a checkpoint stores it
                         self.best_val = rec["val_loss"]
                         self._save_weights("best")
+                        if rank() == 0:
+                            log.info("step %d: the lowest val_loss so far, %.4f: weights in %s", self.step,
+                                     self.best_val, self.run_dir / "best")
                 history.append(rec)
                 self._log(rec)
                 bar.update(1)
