@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,9 +170,6 @@ def test_label_overlays_show_the_ground_truth_beside_the_label_and_the_mask_its_
         assert gt["scale"] == right["scale"] == display_scale(gt["shape"])
     # Run again, the finished job only draws: its picks replace the last run's; one whose image has
     # gone missing since is left out and counted, the others drawn.
-    import logging
-    import shutil
-
     data = tmp_path / "data"
     shutil.copytree(synthetic.root, data / "synthetic")
     (data / "synthetic/coco/train2014" / Path(read_shard(merged)[1][0]["image_path"]).name).unlink()

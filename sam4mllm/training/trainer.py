@@ -628,9 +628,11 @@ def export_checkpoint(run_dir: str | Path, tag: str | None = None, out: str | Pa
 
         weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag, exclude_frozen_parameters=True)
     params = {n: p for n, p in adapter.model.named_parameters() if p.requires_grad}
-    # DeepSpeed's reader also lists a tied weight under its alias (lm_head.weight beside embed_tokens')
-    tied = {n for n, _ in adapter.model.named_parameters(remove_duplicate=False)} - params.keys()
-    weights = {n: w for n, w in weights.items() if n not in tied}
+    # DeepSpeed's reader also lists a tied weight under its alias (lm_head.weight beside embed_tokens');
+    # only such aliases are dropped, so any other stray name still fails the check below
+    aliases = ({n for n, _ in adapter.model.named_parameters(remove_duplicate=False)}
+               - {n for n, _ in adapter.model.named_parameters()})
+    weights = {n: w for n, w in weights.items() if n not in aliases}
     if weights.keys() != params.keys():
         odd = sorted(weights.keys() ^ params.keys())
         raise KeyError(f"{tag} holds other trainable parameters than its config builds, e.g. {odd[:3]}")
