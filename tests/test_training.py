@@ -835,7 +835,8 @@ def test_gradient_checkpointing_gives_the_same_first_loss(workspace, tmp_path):
 def test_two_rank_zero3_follows_one_process_and_its_final_folder_holds_whole_weights(workspace, tmp_path):
     """ZeRO-3 shards every weight over the ranks (the persistence threshold at 0: by default DeepSpeed
     keeps weights under 1e5 elements whole, which are all of the tiny model's but none of a 7B's LoRA).
-    The first loss and the validation loss are one process's; the final folder holds the weights the
+    Each rank loads only its shards of the backbone, and the first loss and the validation loss are
+    one process's (so the weights loaded are the folder's); the final folder holds the weights the
     run ended with (its fp32 masters, exported), not empty shards; validation's odd number of
     dialogs leaves rank 1 a forward that is not counted, without which the ranks would hang."""
     from sam4mllm.training.trainer import export_checkpoint
@@ -852,6 +853,8 @@ def test_two_rank_zero3_follows_one_process_and_its_final_folder_holds_whole_wei
                    "+deepspeed.zero_optimization.stage3_param_persistence_threshold=0")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "stage: 3" in (tmp_path / "z3" / "config.yaml").read_text()
+    held = [(int(a), int(b)) for a, b in re.findall(r"rank holds (\d+) of the backbone's (\d+)", r.stdout + r.stderr)]
+    assert len(held) == 2 and all(a < b for a, b in held), held  # loaded into shards (zero.Init), not whole
     logged = json.loads((tmp_path / "z3" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {k: logged[k] for k in ("loss", "val_loss")} == pytest.approx({k: one[k] for k in ("loss", "val_loss")},
                                                                           abs=1e-4)
@@ -892,9 +895,13 @@ def test_save_best_keeps_the_weights_of_the_lowest_validation_loss_through_a_res
         train(_cfg(workspace, tmp_path / "none", "train.max_steps=1", "train.save_best=true"))
 
 
-def test_a_deepspeed_full_finetune_of_a_model_with_tied_embeddings_exports_as_its_final_folder(workspace, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_deepspeed_full_finetune_of_a_model_with_tied_embeddings_exports_as_its_final_folder(workspace, tmp_path,
+                                                                                               stage):
     """The tiny Qwen2-VL ties lm_head to the embeddings; DeepSpeed's reader lists the weight under both
-    names, the model once. Exported, the checkpoint holds the final folder's weights bit for bit."""
+    names, the model once. Exported, the checkpoint holds the final folder's weights bit for bit, under
+    the same names. ZeRO-3 runs on 2 ranks with every weight sharded and the backbone loaded into
+    shards: transformers' loader for it once left save_pretrained renaming keys to "model.model.*"."""
     from safetensors.torch import load_file
 
     from sam4mllm.training.trainer import export_checkpoint
@@ -902,12 +909,18 @@ def test_a_deepspeed_full_finetune_of_a_model_with_tied_embeddings_exports_as_it
     a = instantiate(workspace("train", "+exp=pqpp").model)
     names = {n for n, _ in a.model.named_parameters(remove_duplicate=False)}
     assert "lm_head.weight" in names - {n for n, _ in a.model.named_parameters()}  # tied: the test's premise
-    args = [sys.executable, "scripts/train.py", "+exp=pqpp", *workspace.base, "progress=false",
-            f"run_dir={tmp_path / 'run'}", "train.finetune=full", "train.max_steps=1", "train.micro_batch_size=1",
-            "train.grad_accum=1", "train.optimizer.lr=1e-3"]
-    r = subprocess.run(args, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True)
+    common = ["train.finetune=full", "train.max_steps=1", "train.micro_batch_size=1", "train.grad_accum=1",
+              "train.optimizer.lr=1e-3"]
+    if stage == 2:
+        args = [sys.executable, "scripts/train.py", "+exp=pqpp", *workspace.base, "progress=false",
+                f"run_dir={tmp_path / 'run'}", *common]
+        r = subprocess.run(args, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True,
+                           text=True)
+    else:
+        r = _deepspeed(workspace, tmp_path / "run", 2, *common, "deepspeed=zero3",
+                       "+deepspeed.zero_optimization.stage3_param_persistence_threshold=0")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "stage: 2" in (tmp_path / "run" / "config.yaml").read_text()
+    assert f"stage: {stage}" in (tmp_path / "run" / "config.yaml").read_text()
     got = load_file(export_checkpoint(tmp_path / "run") / "model.safetensors")
     want = load_file(tmp_path / "run" / "final" / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)

@@ -193,7 +193,8 @@ class Trainer:
         if self.run_dir.exists() and any(self.run_dir.iterdir()) and not self.cfg.resume:
             raise FileExistsError(f"{self.run_dir} exists; set resume=true to continue it or choose another run_dir")
         barrier()
-        self.adapter = build(self.cfg.model)
+        with self._zero3_loading():
+            self.adapter = build(self.cfg.model)
         # Seeded after loading: building a tiny model re-seeds the global RNG, so a LoRA
         # init seeded before it depended on whether this process had built or loaded it.
         self._seed(self.t.seed)
@@ -253,21 +254,55 @@ class Trainer:
         if self.use_ds:
             import deepspeed
 
-            ds_cfg = OmegaConf.to_container(self.cfg.deepspeed, resolve=True)
-            ds_cfg.pop("enabled", None)
-            ds_cfg |= {"train_micro_batch_size_per_gpu": self.t.micro_batch_size,
-                       "gradient_accumulation_steps": self.t.grad_accum,
-                       "fp16": {"enabled": self.t.precision == "fp16"},
-                       "bf16": {"enabled": self.t.precision == "bf16"}}
-            if self.t.precision == "fp32":
-                ds_cfg.pop("fp16"), ds_cfg.pop("bf16")
             self.engine, self.opt, _, self.sched = deepspeed.initialize(
-                model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
+                model=model, optimizer=opt, lr_scheduler=sched, config=self._ds_config())
         else:
             model.to(self.device)
             if world() > 1:
                 model = torch.nn.parallel.DistributedDataParallel(model)
             self.engine, self.opt, self.sched = model, opt, sched
+
+    def _ds_config(self) -> dict[str, Any]:
+        """The DeepSpeed config with the train config's batch sizes and precision filled in."""
+        ds_cfg = OmegaConf.to_container(self.cfg.deepspeed, resolve=True)
+        ds_cfg.pop("enabled", None)
+        ds_cfg |= {"train_micro_batch_size_per_gpu": self.t.micro_batch_size,
+                   "gradient_accumulation_steps": self.t.grad_accum,
+                   "fp16": {"enabled": self.t.precision == "fp16"},
+                   "bf16": {"enabled": self.t.precision == "bf16"}}
+        if self.t.precision == "fp32":
+            ds_cfg.pop("fp16"), ds_cfg.pop("bf16")
+        return ds_cfg
+
+    @contextlib.contextmanager
+    def _zero3_loading(self):
+        """Under ZeRO-3, load the backbone straight into each rank's shards (transformers runs
+        ``deepspeed.zero.Init`` while an ``HfDeepSpeedConfig`` is alive): loaded whole, every card
+        would first receive the whole model (a 7B in bf16 is ~16 GB) for DeepSpeed to shard."""
+        if not (self.use_ds and self.cfg.deepspeed.zero_optimization.stage == 3):
+            yield
+            return
+        from transformers.integrations import HfDeepSpeedConfig
+
+        tiny = self.cfg.model.get("tiny")
+        if tiny is not None:  # written first: a model built under zero.Init would be saved as empty shards
+            from sam4mllm.models.tiny import TinySpec, build_tiny
+
+            build_tiny(TinySpec(family=self.cfg.model.family, **tiny), self.cfg.model.path)
+        self._hf_ds = HfDeepSpeedConfig(self._ds_config())  # kept: transformers holds a weak reference only
+        yield
+        model = self.adapter.model
+        # transformers' ZeRO-3 loader (5.x) keeps all of the family's key conversions, not only those the
+        # checkpoint used as its other loader does; save_pretrained reverses them all, and a full
+        # fine-tune's final folder came out with keys like "model.model.layers...", which load as nothing.
+        if getattr(model, "_weight_conversions", None):
+            model._weight_conversions = [c for c in model._weight_conversions if c.was_used()]
+        # zero.Init partitions everything, whatever its size; the trainable parameters are made
+        # after it and partitioned by deepspeed.initialize.
+        params = list(model.parameters())
+        held = sum(getattr(p, "ds_tensor", p).numel() for p in params)
+        whole = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        log.info("ZeRO-3 loading: this rank holds %d of the backbone's %d parameters", held, whole)
 
     # -------------------------------------------------------------- batches
     def _batches(self):
