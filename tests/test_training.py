@@ -867,7 +867,8 @@ def test_two_rank_zero3_follows_one_process_and_its_final_folder_holds_whole_wei
 def test_save_best_keeps_the_weights_of_the_lowest_validation_loss_through_a_resume(workspace, tmp_path):
     """``run_dir/best`` holds the weights of the step with the lowest val_loss (a rate high enough
     that the loss rises after it), and a run resumed from that step keeps them: the lowest loss so
-    far is part of the checkpoint, so the later, worse steps do not replace them."""
+    far is part of the checkpoint, so the later, worse steps do not replace them, unless the
+    validation data changed."""
     from sam4mllm.training.trainer import export_checkpoint
 
     header, *records = _val_labels(workspace, tmp_path)["refcoco"].read_text().splitlines()
@@ -893,6 +894,13 @@ def test_save_best_keeps_the_weights_of_the_lowest_validation_loss_through_a_res
     again = train(_cfg(workspace, tmp_path / "run", *common, "resume=true"))
     assert [h["val_loss"] for h in again] == pytest.approx(val_losses[best:], abs=1e-5)  # the same, worse steps
     assert_best_is_the_exported_step()
+    # Other validation data (the same dialogs twice: the same losses, other data): a lowest loss measured
+    # on the old data says nothing about them, so the first validation after the resume replaces best.
+    (tmp_path / "run" / "checkpoints" / "latest").write_text(tag)
+    val.write_text("\n".join([header, *records[:6], *records[:6]]) + "\n")
+    again = train(_cfg(workspace, tmp_path / "run", *common, "resume=true"))
+    assert [h["val_loss"] for h in again] == pytest.approx(val_losses[best:], abs=1e-5)
+    assert json.loads((tmp_path / "run" / "best" / "sam4mllm.json").read_text())["step"] == best + 1
     with pytest.raises(ValueError, match=r"train\.save_best .* needs train\.val_every"):
         train(_cfg(workspace, tmp_path / "none", "train.max_steps=1", "train.save_best=true"))
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,11 @@ def _fingerprint_row(e: Example) -> list[Any]:
     return [*row, [_fingerprint_row(m) for m in e.more]] if e.more else row
 
 
+def examples_digest(examples: Sequence[Example], *extra: Any) -> str:
+    """A hash of ``examples`` (and ``extra``, e.g. a source's ratio): what a checkpoint knows its data by."""
+    return hashlib.sha256(json.dumps([*extra, [_fingerprint_row(e) for e in examples]]).encode()).hexdigest()[:16]
+
+
 def vqa_examples(dataset: Any) -> list[Example]:
     """One example per VQA question, answered with its most common human answer."""
     return [Example(Path(r["image_path"]), "vqa", r["expression"], "vqa", answer=r["multiple_choice_answer"])
@@ -123,11 +129,7 @@ class MixtureDataset(torch.utils.data.Dataset):
         A checkpoint stores it, so a resume over changed data (a labels file regenerated, a
         source added) is refused rather than drawing other examples than the run it continues.
         """
-        out = {}
-        for name, (examples, ratio) in sorted(self.sources.items()):
-            rows = [_fingerprint_row(e) for e in examples]
-            out[name] = hashlib.sha256(json.dumps([ratio, rows]).encode()).hexdigest()[:16]
-        return out
+        return {name: examples_digest(examples, ratio) for name, (examples, ratio) in sorted(self.sources.items())}
 
     def encode(self, ex: Example, image: np.ndarray) -> Encoded:
         """One example's training dialog, encoded (PQPP ``branch``: round 2 as branches after round 1).

@@ -35,7 +35,7 @@ from sam4mllm.data.base import load_image
 from sam4mllm.data.errors import UNREADABLE
 from sam4mllm.device import resolve_device
 from sam4mllm.models.adapter import IGNORE_INDEX, SampleTooLongError
-from sam4mllm.training.data import Example, build_mixture, label_examples
+from sam4mllm.training.data import Example, build_mixture, examples_digest, label_examples
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,7 @@ class Trainer:
                              "train.val_every (and data.val)")
         self.val = {name: label_examples(path, self.cfg.variant, name, leave_out=f"~data.val.{name}")
                     for name, path in val.items()}
+        self.val_digest = {name: examples_digest(examples) for name, examples in sorted(self.val.items())}
         self._build_optimization()
         resumed, changes = self._load_checkpoint() if self.cfg.resume else (None, [])
         if rank() == 0:
@@ -473,7 +474,8 @@ class Trainer:
     # ----------------------------------------------------------- checkpoints
     def _state(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "micro": self.micro,
-                "micro_batch_size": self.t.micro_batch_size, "best_val_loss": self.best_val}
+                "micro_batch_size": self.t.micro_batch_size, "best_val_loss": self.best_val,
+                "best_val_data": self.val_digest}
 
     def _resumed_micro(self, state: dict[str, Any], tag: str) -> int:
         """The micro-batch of the saved epoch to go on from, in this run's micro-batch size: a run that
@@ -582,6 +584,12 @@ class Trainer:
             self.sched.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.micro = state["step"], state["epoch"], self._resumed_micro(state, tag)
         self.best_val = state.get("best_val_loss", math.inf)
+        if self.best_val < math.inf and state.get("best_val_data") != self.val_digest:
+            # A loss on other validation data says nothing about these weights: the next validation sets it.
+            if rank() == 0:
+                log.warning("data.val differs from the validation data of %s's lowest val_loss (%.4f): the "
+                            "next validation replaces %s", tag, self.best_val, self.run_dir / "best")
+            self.best_val = math.inf
         rng = torch.load(self._rng_path(tag), map_location="cpu", weights_only=True)
         torch.set_rng_state(rng["torch_rng"])
         random.setstate(rng["python_rng"])
