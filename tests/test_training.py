@@ -931,6 +931,7 @@ def test_a_deepspeed_full_finetune_of_a_model_with_tied_embeddings_exports_as_it
                        "+deepspeed.zero_optimization.stage3_param_persistence_threshold=0")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"stage: {stage}" in (tmp_path / "run" / "config.yaml").read_text()
+    assert f"'other': {sum(p.numel() for p in a.model.parameters())}}}" in r.stdout + r.stderr  # all trainable
     got = load_file(export_checkpoint(tmp_path / "run") / "model.safetensors")
     want = load_file(tmp_path / "run" / "final" / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)

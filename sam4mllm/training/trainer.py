@@ -159,7 +159,7 @@ def trainable_counts(model: torch.nn.Module) -> dict[str, int]:
     for name, p in model.named_parameters():
         if p.requires_grad:
             key = "lora" if "lora_" in name else "projector" if "modules_to_save" in name else "other"
-            counts[key] += p.numel()
+            counts[key] += getattr(p, "ds_numel", p.numel())  # a ZeRO-3 shard's numel() is 0
     return counts
 
 
