@@ -280,7 +280,7 @@ class Trainer:
         """Under ZeRO-3, load the backbone straight into each rank's shards (transformers runs
         ``deepspeed.zero.Init`` while an ``HfDeepSpeedConfig`` is alive): loaded whole, every card
         would first receive the whole model (a 7B in bf16 is ~16 GB) for DeepSpeed to shard."""
-        if not (self.use_ds and self.cfg.deepspeed.zero_optimization.stage == 3):
+        if not (self.use_ds and OmegaConf.select(self.cfg, "deepspeed.zero_optimization.stage") == 3):
             yield
             return
         from transformers.integrations import HfDeepSpeedConfig
@@ -295,7 +295,7 @@ class Trainer:
         model = self.adapter.model
         # transformers' ZeRO-3 loader (5.x) keeps all of the family's key conversions, not only those the
         # checkpoint used as its other loader does; save_pretrained reverses them all, and a full
-        # fine-tune's final folder came out with keys like "model.model.layers...", which load as nothing.
+        # fine-tune's final folder came out with keys like "model.model.layers...", in neither layout.
         if getattr(model, "_weight_conversions", None):
             model._weight_conversions = [c for c in model._weight_conversions if c.was_used()]
         # zero.Init partitions everything, whatever its size; the trainable parameters are made
