@@ -864,6 +864,59 @@ def test_two_rank_zero3_follows_one_process_and_its_final_folder_holds_whole_wei
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 
 
+_ZERO3_LOAD = """
+import logging
+import sys
+
+import deepspeed
+import torch
+from omegaconf import OmegaConf
+
+from sam4mllm.config import build
+from sam4mllm.training.trainer import Trainer, _init_distributed
+
+out, *cfgs = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+logging.basicConfig(level=logging.INFO)
+_init_distributed(True, torch.device("cpu"))
+for path in cfgs:
+    trainer = Trainer(OmegaConf.load(path))
+    with trainer._zero3_loading():
+        trainer.adapter = build(trainer.cfg.model)
+    model = trainer.adapter.model
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        if torch.distributed.get_rank() == 0:
+            torch.save({k: v.clone() for k, v in model.state_dict().items()}, f"{out}/{trainer.cfg.model.family}.pt")
+torch.distributed.barrier()
+"""
+
+
+def test_every_tiny_family_loads_into_zero3_shards_with_the_weights_of_a_plain_load(workspace, tmp_path):
+    """The trainer's ZeRO-3 loading (zero.Init; the folders in the released checkpoints' key layout)
+    gives each family's backbone, gathered from its 2 ranks' shards, exactly the weights loaded whole."""
+    from omegaconf import OmegaConf
+
+    from sam4mllm.training.launch import free_port
+
+    cfgs, want = [], {}
+    for family in FAMILIES:
+        cfg = workspace("train", "+exp=pqpp", f"model=tiny_{family}", "deepspeed=zero3", f"run_dir={tmp_path / family}")
+        want[family] = instantiate(cfg.model).model.state_dict()  # plain; builds the folder first
+        cfgs.append(tmp_path / f"{family}.yaml")
+        OmegaConf.save(cfg, cfgs[-1], resolve=True)
+    script = tmp_path / "zero3_load.py"
+    script.write_text(_ZERO3_LOAD)
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--master_port", str(free_port()), "--num_gpus", "2"]
+    r = subprocess.run([*launcher, str(script), str(tmp_path), *map(str, cfgs)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    held = [(int(a), int(b)) for a, b in re.findall(r"rank holds (\d+) of the backbone's (\d+)", r.stdout + r.stderr)]
+    assert len(held) == 2 * len(FAMILIES) and all(a < b for a, b in held), held
+    for family in FAMILIES:
+        got = torch.load(tmp_path / f"{family}.pt", weights_only=True)
+        assert got.keys() == want[family].keys(), family
+        assert all(torch.equal(got[k], want[family][k]) for k in got), family
+
+
 def test_save_best_keeps_the_weights_of_the_lowest_validation_loss_through_a_resume(workspace, tmp_path):
     """``run_dir/best`` holds the weights of the step with the lowest val_loss (a rate high enough
     that the loss rises after it), and a run resumed from that step keeps them: the lowest loss so
