@@ -1,7 +1,6 @@
 """Training on more than one rank, or through the ``deepspeed`` launcher: ZeRO-2 and ZeRO-3 on CPU
-ranks against one process, their checkpoints, resumes and exported weights.
-
-Apart from test_training.py so that pytest-xdist runs these slow launches beside it.
+ranks against one process, their checkpoints, resumes and exported weights (the slowest tests:
+each launch starts two processes).
 """
 
 from __future__ import annotations
