@@ -22,15 +22,24 @@ from sam4mllm.dialogs import Dialog, pqpp_dialog
 from sam4mllm.training.trainer import train
 
 
-def _deepspeed(workspace, run_dir, n_ranks: int, *extra: str) -> subprocess.CompletedProcess:
+def _launch(n_ranks: int, *args: str) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus <n_ranks> <args>`` from the checkout, on a free port, wandb off."""
     from sam4mllm.training.launch import free_port
 
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--master_port", str(free_port()),
                 "--num_gpus", str(n_ranks)]
-    cmd = [*launcher, "scripts/train.py", "+exp=pqpp", *workspace.base, f"run_dir={run_dir}", "progress=false",
-           *extra]
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([*launcher, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _deepspeed(workspace, run_dir, n_ranks: int, *extra: str) -> subprocess.CompletedProcess:
+    return _launch(n_ranks, "scripts/train.py", "+exp=pqpp", *workspace.base, f"run_dir={run_dir}",
+                   "progress=false", *extra)
+
+
+def _held(r: subprocess.CompletedProcess) -> list[tuple[int, int]]:
+    """Each rank's logged (parameters it holds, the backbone's) after ZeRO-3 loading."""
+    return [(int(a), int(b)) for a, b in re.findall(r"rank holds (\d+) of the backbone's (\d+)", r.stdout + r.stderr)]
 
 
 def test_two_rank_zero2_cpu_run_through_the_deepspeed_launcher(workspace, tmp_path):
@@ -154,7 +163,7 @@ def test_two_rank_zero3_follows_one_process_and_its_final_folder_holds_whole_wei
                    "+deepspeed.zero_optimization.stage3_param_persistence_threshold=0")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "stage: 3" in (tmp_path / "z3" / "config.yaml").read_text()
-    held = [(int(a), int(b)) for a, b in re.findall(r"rank holds (\d+) of the backbone's (\d+)", r.stdout + r.stderr)]
+    held = _held(r)
     assert len(held) == 2 and all(a < b for a, b in held), held  # loaded into shards (zero.Init), not whole
     logged = [json.loads(line) for line in (tmp_path / "z3" / "metrics.jsonl").read_text().splitlines()]
     assert [x["loss"] for x in logged] == pytest.approx([h["loss"] for h in one], abs=1e-4)
@@ -194,8 +203,6 @@ def test_every_tiny_family_loads_into_zero3_shards_with_the_weights_of_a_plain_l
     gives each family's backbone, gathered from its 2 ranks' shards, exactly the weights loaded whole."""
     from omegaconf import OmegaConf
 
-    from sam4mllm.training.launch import free_port
-
     cfgs, want = [], {}
     for family in FAMILIES:
         cfg = workspace("train", "+exp=pqpp", f"model=tiny_{family}", "deepspeed=zero3", f"run_dir={tmp_path / family}")
@@ -204,11 +211,9 @@ def test_every_tiny_family_loads_into_zero3_shards_with_the_weights_of_a_plain_l
         OmegaConf.save(cfg, cfgs[-1], resolve=True)
     script = tmp_path / "zero3_load.py"
     script.write_text(_ZERO3_LOAD)
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--master_port", str(free_port()), "--num_gpus", "2"]
-    r = subprocess.run([*launcher, str(script), str(tmp_path), *map(str, cfgs)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
+    r = _launch(2, str(script), str(tmp_path), *map(str, cfgs))
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    held = [(int(a), int(b)) for a, b in re.findall(r"rank holds (\d+) of the backbone's (\d+)", r.stdout + r.stderr)]
+    held = _held(r)
     assert len(held) == 2 * len(FAMILIES) and all(a < b for a, b in held), held
     for family in FAMILIES:
         got = torch.load(tmp_path / f"{family}.pt", weights_only=True)
