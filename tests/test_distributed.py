@@ -146,7 +146,8 @@ def test_two_rank_zero3_follows_one_process_and_its_final_folder_holds_whole_wei
     with gradient checkpointing, as the README advises for 24 GB cards. Each rank loads only its
     shards of the backbone; both steps' losses and the validation loss after them are one process's
     (so the weights loaded are the folder's and the gradients are whole); the final folder holds the
-    weights the run ended with (its fp32 masters, exported), not empty shards; validation's odd number
+    weights the run ended with (its fp32 masters, exported), not empty shards; resumed from its step-1
+    checkpoint, the run repeats step 2 and its validation; validation's odd number
     of dialogs leaves rank 1 a forward that is not counted, without which the ranks would hang."""
     from sam4mllm.training.trainer import export_checkpoint
 
@@ -158,9 +159,9 @@ def test_two_rank_zero3_follows_one_process_and_its_final_folder_holds_whole_wei
     same = ["train.max_steps=2", "train.micro_batch_size=1", "train.optimizer.lr=1e-3", "train.lora.dropout=0",
             "train.val_every=2", f"data.val.refcoco={val}", "~data.val.grefcoco"]
     one = train(_cfg(workspace, tmp_path / "one", *same, "train.grad_accum=2", "save_final=false"))
-    r = _deepspeed(workspace, tmp_path / "z3", 2, *same, "train.grad_accum=1", "deepspeed=zero3",
-                   "train.gradient_checkpointing=true",
-                   "+deepspeed.zero_optimization.stage3_param_persistence_threshold=0")
+    z3 = [*same, "train.grad_accum=1", "deepspeed=zero3", "train.gradient_checkpointing=true", "train.save_every=1",
+          "+deepspeed.zero_optimization.stage3_param_persistence_threshold=0"]
+    r = _deepspeed(workspace, tmp_path / "z3", 2, *z3)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "stage: 3" in (tmp_path / "z3" / "config.yaml").read_text()
     held = _held(r)
@@ -170,6 +171,14 @@ def test_two_rank_zero3_follows_one_process_and_its_final_folder_holds_whole_wei
     assert logged[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], abs=1e-4)
     got, want = _adapter_weights(tmp_path / "z3" / "final"), _adapter_weights(export_checkpoint(tmp_path / "z3"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    # Rolled back to step 1, as if killed after it: the resumed step 2 and its validation are the straight run's.
+    (tmp_path / "z3" / "checkpoints" / "latest").write_text("step-0000001")
+    r = _deepspeed(workspace, tmp_path / "z3", 2, *z3, "resume=true")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    resumed = [json.loads(line) for line in (tmp_path / "z3" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in resumed] == [1, 2]
+    assert [x["loss"] for x in resumed] == pytest.approx([x["loss"] for x in logged], abs=1e-6)
+    assert resumed[-1]["val_loss"] == pytest.approx(logged[-1]["val_loss"], abs=1e-6)
 
 
 _ZERO3_LOAD = """
