@@ -727,9 +727,9 @@ def test_gradient_checkpointing_gives_the_same_first_loss(workspace, tmp_path):
 def test_save_best_keeps_the_weights_of_the_lowest_validation_loss_through_a_resume(workspace, tmp_path):
     """``run_dir/best`` holds the weights of the step with the lowest val_loss, and a run resumed from
     that step keeps them: the lowest loss so far is part of the checkpoint, so the later, worse steps
-    do not replace them, unless the validation data changed. A full fine-tune at a rate high enough
-    that the loss rises after its lowest point by far more than noise (LoRA's val curve at such
-    rates wandered by a few hundredths, and whether it ended lowest changed with the torch version)."""
+    do not replace them, unless the validation data changed. It runs a full fine-tune at a rate at
+    which the loss rises after its lowest step by far more than noise: LoRA's val curve at such rates
+    wandered by a few hundredths, and at torch 2.6 it fell to its last step."""
     from safetensors.torch import load_file
 
     from sam4mllm.training.trainer import export_checkpoint
