@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
-from test_training import FAMILIES, ROOT, _adapter_weights, _cfg, _losses, _val_labels
+from test_training import FAMILIES, ROOT, _adapter_weights, _cfg, _losses, _records, _val_labels
 
 from sam4mllm.dialogs import Dialog, pqpp_dialog
 from sam4mllm.training.trainer import train
@@ -60,7 +60,7 @@ def test_two_rank_zero2_cpu_run_through_the_deepspeed_launcher(workspace, tmp_pa
     assert [losses[s] for s in range(1, 7)] == pytest.approx([h["loss"] for h in one], abs=1e-5)
     assert losses[6] < losses[1]
     # The val examples dealt over the two ranks, the sums all-reduced: one process's validation losses.
-    logged = {r["step"]: r for r in map(json.loads, (tmp_path / "ds" / "metrics.jsonl").read_text().splitlines())}
+    logged = {r["step"]: r for r in _records(tmp_path / "ds")}
     for h in one[2::3]:
         assert {k: v for k, v in logged[h["step"]].items() if k.startswith("val_")} == pytest.approx(
             {k: v for k, v in h.items() if k.startswith("val_")}, abs=1e-5)
@@ -166,7 +166,7 @@ def test_two_rank_zero3_follows_one_process_and_its_final_folder_holds_whole_wei
     assert "stage: 3" in (tmp_path / "z3" / "config.yaml").read_text()
     held = _held(r)
     assert len(held) == 2 and all(a < b for a, b in held), held  # loaded into shards (zero.Init), not whole
-    logged = [json.loads(line) for line in (tmp_path / "z3" / "metrics.jsonl").read_text().splitlines()]
+    logged = _records(tmp_path / "z3")
     assert [x["loss"] for x in logged] == pytest.approx([h["loss"] for h in one], abs=1e-4)
     assert logged[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], abs=1e-4)
     got, want = _adapter_weights(tmp_path / "z3" / "final"), _adapter_weights(export_checkpoint(tmp_path / "z3"))
@@ -175,7 +175,7 @@ def test_two_rank_zero3_follows_one_process_and_its_final_folder_holds_whole_wei
     (tmp_path / "z3" / "checkpoints" / "latest").write_text("step-0000001")
     r = _deepspeed(workspace, tmp_path / "z3", 2, *z3, "resume=true")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    resumed = [json.loads(line) for line in (tmp_path / "z3" / "metrics.jsonl").read_text().splitlines()]
+    resumed = _records(tmp_path / "z3")
     assert [x["step"] for x in resumed] == [1, 2]
     assert [x["loss"] for x in resumed] == pytest.approx([x["loss"] for x in logged], abs=1e-6)
     assert resumed[-1]["val_loss"] == pytest.approx(logged[-1]["val_loss"], abs=1e-6)

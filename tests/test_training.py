@@ -306,8 +306,13 @@ def test_a_run_with_nothing_to_feed_stops_with_the_reason_instead_of_waiting(wor
         train(_cfg(workspace, tmp_path / "long", "train.max_steps=2", "model.max_length=20"))
 
 
+def _records(run_dir: Path) -> list[dict]:
+    """The run's ``metrics.jsonl``, one dict per logged step."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def _losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = _records(run_dir)
     steps = [r["step"] for r in records]
     assert steps == sorted(set(steps)), f"metrics.jsonl must hold each step once, in order: {steps}"
     return {r["step"]: r["loss"] for r in records}
@@ -495,7 +500,7 @@ def test_validation_loss_is_the_held_out_labels_per_token_loss_and_leaves_traini
         assert last[f"val_loss/{name}"] == pytest.approx(float(losses.mean()), abs=1e-5)
     assert last["val_loss"] == pytest.approx(float(torch.cat(list(sums.values())).mean()), abs=1e-5)
     assert last["val_loss"] < hist[2]["val_loss"] - 0.01  # it moves with training
-    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = _records(tmp_path / "run")
     assert logged[-1]["val_loss"] == last["val_loss"]
     with pytest.raises(FileNotFoundError, match=r"dataset=synthetic_gres split=val\n.*~data\.val\.grefcoco"):
         train(_cfg(workspace, tmp_path / "missing", "train.max_steps=1", "train.val_every=1",
