@@ -297,6 +297,21 @@ def test_missing_labels_name_the_job_and_a_switched_off_source_needs_none(worksp
     assert len(off) == len(full) - len(full.sources["grefcoco"][0])
 
 
+def test_bad_training_data_fails_before_the_model_loads(workspace, tmp_path):
+    """The 7B's weights are missing too: each error must be about the data, found first."""
+    no_model = ["model=qwen2vl_7b", f"model.path={tmp_path / 'no_weights'}"]
+    with pytest.raises(FileNotFoundError, match=r"no model folder at .*no_weights"):  # for contrast
+        train(_cfg(workspace, tmp_path / "a", *no_model))
+    missing = f"data.sources.refcoco.path={tmp_path / 'labels.jsonl'}"
+    with pytest.raises(FileNotFoundError, match=r"label file .* \(training source 'refcoco'\) is missing"):
+        train(_cfg(workspace, tmp_path / "b", *no_model, missing))
+    with pytest.raises(ValueError, match=r"train\.val_every needs data\.val"):
+        train(_cfg(workspace, tmp_path / "c", *no_model, "train.val_every=3", "data.val=null"))
+    # The config's data.val: the synthetic val labels, which this workspace has not generated.
+    with pytest.raises(FileNotFoundError, match=r"dataset=synthetic split=val\n.*~data\.val\.refcoco"):
+        train(_cfg(workspace, tmp_path / "d", *no_model, "train.val_every=3"))
+
+
 @pytest.mark.timeout(300)  # the bug this guards against is a run that waits forever
 def test_a_run_with_nothing_to_feed_stops_with_the_reason_instead_of_waiting(workspace, tmp_path):
     off = ["data.sources.refcoco.ratio=0", "data.sources.grefcoco.ratio=0", "data.sources.vqav2.ratio=0"]

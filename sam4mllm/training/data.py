@@ -101,7 +101,7 @@ class MixtureDataset(torch.utils.data.Dataset):
     last), then shuffles all draws together; both depend only on ``seed`` and the epoch.
     """
 
-    def __init__(self, sources: dict[str, tuple[list[Example], float]], adapter: Adapter, variant: str,
+    def __init__(self, sources: dict[str, tuple[list[Example], float]], adapter: Adapter | None, variant: str,
                  pqpp_mode: str = "per_point", seed: int = 0) -> None:
         self.sources, self.adapter, self.variant, self.pqpp_mode, self.seed = sources, adapter, variant, pqpp_mode, seed
         self.stats: Counter[str] = Counter()
@@ -183,11 +183,13 @@ class MixtureDataset(torch.utils.data.Dataset):
         self.stats[reason] += 1
 
 
-def build_mixture(sources: Any, adapter: Adapter, variant: str, pqpp_mode: str = "per_point",
+def build_mixture(sources: Any, adapter: Adapter | None, variant: str, pqpp_mode: str = "per_point",
                   seed: int = 0, sentences_per_dialog: int = 1) -> MixtureDataset:
     """The training mixture of a ``data.sources`` config. A source switched off (ratio 0)
     draws nothing, so it is not loaded and its files need not exist. ``sentences_per_dialog``
-    packs that many sentences of one image into each labels example (VQA stays one per dialog)."""
+    packs that many sentences of one image into each labels example (VQA stays one per dialog).
+    ``adapter`` encodes the draws; it may be set on the result later (the trainer reads its
+    data before it loads the model)."""
     if sentences_per_dialog > 1 and variant == "pqpp" and pqpp_mode == "branch":
         raise ValueError("pqpp_mode=branch trains one sentence's points as branches of its dialog; it does not "
                          "pack sentences (sentences_per_dialog=1), use per_point or joint to pack them")

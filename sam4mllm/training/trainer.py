@@ -193,14 +193,10 @@ class Trainer:
         if self.run_dir.exists() and any(self.run_dir.iterdir()) and not self.cfg.resume:
             raise FileExistsError(f"{self.run_dir} exists; set resume=true to continue it or choose another run_dir")
         barrier()
-        with self._zero3_loading():
-            self.adapter = build(self.cfg.model)
-        # Seeded after loading: building a tiny model re-seeds the global RNG, so a LoRA
-        # init seeded before it depended on whether this process had built or loaded it.
-        self._seed(self.t.seed)
-        self.counts = apply_finetuning(self.adapter, self.t)
-        self.data = build_mixture(self.cfg.data.sources, self.adapter, self.cfg.variant, self.cfg.pqpp_mode,
-                                  self.t.seed, self.cfg.sentences_per_dialog)
+        # The data and its settings before the model: a missing labels file or a bad data.val
+        # fails in seconds, not after a 7B has loaded (on every rank).
+        self.data = build_mixture(self.cfg.data.sources, None, self.cfg.variant, self.cfg.pqpp_mode, self.t.seed,
+                                  self.cfg.sentences_per_dialog)
         if len(self.data) == 0:  # else a max_steps run would wait forever for its first batch
             sizes = {name: len(examples) for name, (examples, _) in self.data.sources.items()}
             raise ValueError(f"the training mixture draws no example (examples per source switched on: {sizes}); "
@@ -223,6 +219,13 @@ class Trainer:
         self.val = {name: label_examples(path, self.cfg.variant, name, leave_out=f"~data.val.{name}")
                     for name, path in val.items()}
         self.val_digest = {name: examples_digest(examples) for name, examples in sorted(self.val.items())}
+        with self._zero3_loading():
+            self.adapter = build(self.cfg.model)
+        self.data.adapter = self.adapter
+        # Seeded after loading: building a tiny model re-seeds the global RNG, so a LoRA
+        # init seeded before it depended on whether this process had built or loaded it.
+        self._seed(self.t.seed)
+        self.counts = apply_finetuning(self.adapter, self.t)
         self._build_optimization()
         resumed, changes = self._load_checkpoint() if self.cfg.resume else (None, [])
         if rank() == 0:
