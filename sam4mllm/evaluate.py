@@ -55,12 +55,17 @@ PRED_FORMAT, PRED_VERSION, MERGED = "sam4mllm-predictions", 1, "predictions.json
 
 def build_predictor(cfg: Any) -> Any:
     """The :class:`Sam4MLLM` of a config: backbone + trained weights + segmenter + round-2 settings."""
-    from sam4mllm.models.merge import load_finetuned
+    from sam4mllm.models.merge import UNTRAINED_HINT, load_finetuned, run_info
 
+    # The trained checkpoint and the segmenter before the backbone: a missing run or SAM
+    # checkpoint fails in seconds, not after a 7B has loaded.
+    if cfg.checkpoint:
+        run_info(cfg.checkpoint, cfg.model.family, UNTRAINED_HINT)
+    segmenter = build(cfg.sam)
     adapter = build(cfg.model)
     if cfg.checkpoint:
         load_finetuned(adapter, cfg.checkpoint)
-    return Sam4MLLM(adapter, build(cfg.sam), cfg.variant, pqpp_config(cfg), cfg.eval.max_new_tokens, cfg.seed)
+    return Sam4MLLM(adapter, segmenter, cfg.variant, pqpp_config(cfg), cfg.eval.max_new_tokens, cfg.seed)
 
 
 def pqpp_config(cfg: Any) -> PQPPConfig:

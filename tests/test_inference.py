@@ -633,6 +633,26 @@ def test_evaluation_that_failed_before_its_first_sample_reruns_with_the_fix(work
     assert fixed == _run(_eval_cfg(workspace, tmp_path / "clean"), Oracle())
 
 
+def test_a_missing_run_or_segmenter_checkpoint_fails_before_the_backbone_loads(workspace, tmp_path):
+    """The 7B's weights are missing too: each error must be about the run or SAM, found first."""
+    from sam4mllm.evaluate import build_predictor
+    from sam4mllm.sam.base import CheckpointNotFoundError
+
+    cfg = lambda *a: _eval_cfg(workspace, tmp_path / "ev", "model=qwen2vl_7b",  # noqa: E731
+                               f"model.path={tmp_path / 'no_weights'}", *a)
+    with pytest.raises(FileNotFoundError, match=r"no model folder at .*no_weights"):  # for contrast
+        build_predictor(cfg())
+    with pytest.raises(FileNotFoundError, match=r"no trained checkpoint at .*no_run.*\n?.*checkpoint=null"):
+        build_predictor(cfg(f"checkpoint={tmp_path / 'no_run'}"))
+    other = tmp_path / "llava_run"
+    other.mkdir()
+    (other / "sam4mllm.json").write_text(json.dumps({"family": "llava_next", "finetune": "lora", "base": "x"}))
+    with pytest.raises(ValueError, match="was trained on llava_next, not qwen2vl"):
+        build_predictor(cfg(f"checkpoint={other}"))
+    with pytest.raises(CheckpointNotFoundError, match=r"sam_vit_h_4b8939\.pth"):
+        build_predictor(cfg("sam=sam_vit_h", f"sam.checkpoint={tmp_path / 'sam_vit_h_4b8939.pth'}"))
+
+
 def test_rethresholding_an_evaluation_that_kept_every_answer_equals_evaluating_at_that_threshold(
         workspace, adapter, tmp_path):
     """Paper Table 6a from one pass: evaluate at threshold 0, re-segment at 0.8 without the model."""

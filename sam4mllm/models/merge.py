@@ -8,14 +8,20 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+UNTRAINED_HINT = "; or set checkpoint=null to evaluate the untrained backbone"
 
-def _run_info(final_dir: Path, hint: str = "") -> dict:
-    """``sam4mllm.json`` of a ``run_dir/final`` written by ``scripts/train.py`` (family, base, finetune)."""
-    path = final_dir / "sam4mllm.json"
+
+def run_info(final_dir: str | Path, family: str | None = None, hint: str = "") -> dict:
+    """``sam4mllm.json`` of a ``run_dir/final`` written by ``scripts/train.py`` (family, base,
+    finetune), checked to be a run of ``family`` when it is given; ``hint`` ends a missing one's error."""
+    path = Path(final_dir) / "sam4mllm.json"
     if not path.exists():
         raise FileNotFoundError(f"no trained checkpoint at {final_dir} (expected sam4mllm.json from "
                                 f"scripts/train.py, in run_dir/final): train first{hint}")
-    return json.loads(path.read_text())
+    info = json.loads(path.read_text())
+    if family is not None and info["family"] != family:
+        raise ValueError(f"{final_dir} was trained on {info['family']}, not {family}")
+    return info
 
 
 def merge_adapter(final_dir: str | Path, out_dir: str | Path, base: str | Path | None = None,
@@ -29,7 +35,7 @@ def merge_adapter(final_dir: str | Path, out_dir: str | Path, base: str | Path |
     from sam4mllm.models.adapter import FAMILIES, auto_classes
 
     final_dir, out_dir = Path(final_dir), Path(out_dir)
-    info = _run_info(final_dir)
+    info = run_info(final_dir)
     if info["finetune"] != "lora":
         raise ValueError(f"{final_dir} holds a full fine-tune ({info['finetune']}); there is nothing to merge")
     base = Path(base or info["base"])
@@ -58,9 +64,7 @@ def load_finetuned(adapter: object, checkpoint: str | Path) -> None:
     from peft import PeftModel
 
     checkpoint = Path(checkpoint)
-    info = _run_info(checkpoint, "; or set checkpoint=null to evaluate the untrained backbone")
-    if info["family"] != adapter.family:  # type: ignore[attr-defined]
-        raise ValueError(f"{checkpoint} was trained on {info['family']}, not {adapter.family}")  # type: ignore[attr-defined]
+    info = run_info(checkpoint, adapter.family, UNTRAINED_HINT)  # type: ignore[attr-defined]
     here = getattr(adapter.processor, "image_processor", None)  # type: ignore[attr-defined]
     if here is not None:  # another image size would show the model inputs (and coordinates) it never saw
         from transformers import AutoImageProcessor
