@@ -109,18 +109,6 @@ class ResizedPixels(CoordSystem):
         return rw / w, rh / h
 
 
-def clip_box(box: np.ndarray, image_size: Size) -> np.ndarray:
-    """Clip ``XYXY`` original-pixel boxes to the image (``x`` in ``[0, W]``, ``y`` in ``[0, H]``)."""
-    h, w = image_size
-    return _clamp(np.asarray(box, dtype=np.float64), w, h)
-
-
-def clip_points(points: np.ndarray, image_size: Size) -> np.ndarray:
-    """Clip ``(..., 2)`` original-pixel points to pixel centres inside the image."""
-    h, w = image_size
-    return _clamp(np.asarray(points, dtype=np.float64), w - 1, h - 1)
-
-
 def mask_to_box(mask: np.ndarray) -> np.ndarray:
     """Tight ``XYXY`` box (exclusive right/bottom) of a boolean ``HxW`` mask; zeros if empty."""
     ys, xs = np.nonzero(mask)
