@@ -297,8 +297,8 @@ def test_missing_labels_name_the_job_and_a_switched_off_source_needs_none(worksp
     assert len(off) == len(full) - len(full.sources["grefcoco"][0])
 
 
-def test_bad_training_data_fails_before_the_model_loads(workspace, tmp_path):
-    """The 7B's weights are missing too: each error must be about the data, found first."""
+def test_bad_training_data_or_a_resume_without_a_checkpoint_fails_before_the_model_loads(workspace, tmp_path):
+    """The 7B's weights are missing too: each error must be about the data or the run, found first."""
     no_model = ["model=qwen2vl_7b", f"model.path={tmp_path / 'no_weights'}"]
     with pytest.raises(FileNotFoundError, match=r"no model folder at .*no_weights"):  # for contrast
         train(_cfg(workspace, tmp_path / "a", *no_model))
@@ -310,6 +310,8 @@ def test_bad_training_data_fails_before_the_model_loads(workspace, tmp_path):
     # The config's data.val: the synthetic val labels, which this workspace has not generated.
     with pytest.raises(FileNotFoundError, match=r"dataset=synthetic split=val\n.*~data\.val\.refcoco"):
         train(_cfg(workspace, tmp_path / "d", *no_model, "train.val_every=3"))
+    with pytest.raises(FileNotFoundError, match=r"resume=true but .*e.checkpoints.latest does not exist"):
+        train(_cfg(workspace, tmp_path / "e", *no_model, "resume=true"))
 
 
 @pytest.mark.timeout(300)  # the bug this guards against is a run that waits forever
@@ -447,7 +449,8 @@ def test_a_resume_over_changed_data_is_refused_and_changed_settings_are_listed(w
     write_records(tmp_path / "regenerated.jsonl", header, records[:-1])  # one image fewer
     with pytest.raises(ValueError, match=r"source\(s\) \['refcoco'\] differ from the data step-0000002 was"):
         train(_cfg(workspace, run, "train.max_steps=3", *common, "resume=true",
-                   f"data.sources.refcoco.path={tmp_path / 'regenerated.jsonl'}"))
+                   f"data.sources.refcoco.path={tmp_path / 'regenerated.jsonl'}",
+                   "model=qwen2vl_7b", f"model.path={tmp_path / 'no_weights'}"))  # refused before a model loads
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant", "wsd"])

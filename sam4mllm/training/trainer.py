@@ -193,8 +193,8 @@ class Trainer:
         if self.run_dir.exists() and any(self.run_dir.iterdir()) and not self.cfg.resume:
             raise FileExistsError(f"{self.run_dir} exists; set resume=true to continue it or choose another run_dir")
         barrier()
-        # The data and its settings before the model: a missing labels file or a bad data.val
-        # fails in seconds, not after a 7B has loaded (on every rank).
+        # The data, its settings and a resume's checkpoint before the model: a missing labels file,
+        # a bad data.val or a resume over changed data fails in seconds, not after a 7B has loaded.
         self.data = build_mixture(self.cfg.data.sources, None, self.cfg.variant, self.cfg.pqpp_mode, self.t.seed,
                                   self.cfg.sentences_per_dialog)
         if len(self.data) == 0:  # else a max_steps run would wait forever for its first batch
@@ -219,6 +219,7 @@ class Trainer:
         self.val = {name: label_examples(path, self.cfg.variant, name, leave_out=f"~data.val.{name}")
                     for name, path in val.items()}
         self.val_digest = {name: examples_digest(examples) for name, examples in sorted(self.val.items())}
+        resumed, changes = self._resume_point() if self.cfg.resume else (None, [])
         with self._zero3_loading():
             self.adapter = build(self.cfg.model)
         self.data.adapter = self.adapter
@@ -227,7 +228,8 @@ class Trainer:
         self._seed(self.t.seed)
         self.counts = apply_finetuning(self.adapter, self.t)
         self._build_optimization()
-        resumed, changes = self._load_checkpoint() if self.cfg.resume else (None, [])
+        if resumed:
+            self._load_checkpoint(resumed)
         if rank() == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # The first run's config stays in config.yaml; a resume with changes adds its own.
@@ -562,15 +564,20 @@ class Trainer:
             for p in files[step]:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
 
-    def _load_checkpoint(self) -> tuple[str, list[str]]:
-        """Restore the latest checkpoint; return its tag and the settings changed since (see ``_check_resume``)."""
+    def _resume_point(self) -> tuple[str, list[str]]:
+        """The latest checkpoint's tag and the settings changed since it (``_check_resume``), checked
+        before the model loads: a resume it would refuse fails in seconds."""
         ckpt_dir = self.run_dir / "checkpoints"
         if not (ckpt_dir / "latest").exists():
             raise FileNotFoundError(f"resume=true but {ckpt_dir}/latest does not exist")
         tag = (ckpt_dir / "latest").read_text().strip()
-        if not self._rng_path(tag).exists():  # before any weights load
+        if not self._rng_path(tag).exists():
             raise FileNotFoundError(f"{self._rng_path(tag)} is missing: resume {tag} with as many ranks as saved it")
-        changes = self._check_resume(tag)
+        return tag, self._check_resume(tag)
+
+    def _load_checkpoint(self, tag: str) -> None:
+        """Restore checkpoint ``tag`` (from :meth:`_resume_point`) into the built model and optimizer."""
+        ckpt_dir = self.run_dir / "checkpoints"
         if self.use_ds:
             _, state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
         else:
@@ -599,7 +606,6 @@ class Trainer:
         if "cuda_rng" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda_rng"], self.device)
         log.info("resumed from step %d (epoch %d, micro-batch %d)", self.step, self.epoch, self.micro)
-        return tag, changes
 
     def _save_weights(self, name: str) -> None:
         """The adapter (``save_pretrained``) and processor as they are now in ``run_dir/<name>``
