@@ -585,10 +585,16 @@ def test_final_adapter_and_merge(workspace, tmp_path):
     for call in (lambda: merge_adapter(tmp_path / "run", tmp_path / "m2"), lambda: load_finetuned(a, tmp_path / "run")):
         with pytest.raises(FileNotFoundError, match=r"run_dir/final\): train first"):
             call()
+    # A base recorded at training that is not on this machine is named, with the flag that replaces it.
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved" / "sam4mllm.json").write_text(json.dumps({"family": "qwen2vl", "finetune": "lora",
+                                                                   "base": str(tmp_path / "no-such-base")}))
+    with pytest.raises(FileNotFoundError, match=r"no base model folder at .*no-such-base.*--base <folder>"):
+        merge_adapter(tmp_path / "moved", tmp_path / "m3")
     # Qwen-VL-Chat exists only as remote code: merging its run needs the user's say-so, asked before loading.
     (tmp_path / "qwenvl").mkdir()
     (tmp_path / "qwenvl" / "sam4mllm.json").write_text(json.dumps({"family": "qwenvl", "finetune": "lora",
-                                                                    "base": str(tmp_path / "no-such-base")}))
+                                                                    "base": str(a.path)}))
     with pytest.raises(ValueError, match=r"qwenvl runs remote code .* merge with --trust-remote-code"):
         merge_adapter(tmp_path / "qwenvl", tmp_path / "m3")
     # Evaluating with another image size than training is refused, not run on inputs it never saw.

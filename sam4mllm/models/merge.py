@@ -39,6 +39,9 @@ def merge_adapter(final_dir: str | Path, out_dir: str | Path, base: str | Path |
     if info["finetune"] != "lora":
         raise ValueError(f"{final_dir} holds a full fine-tune ({info['finetune']}); there is nothing to merge")
     base = Path(base or info["base"])
+    if not (base / "config.json").exists():  # the path recorded at training may be another machine's
+        raise FileNotFoundError(f"no base model folder at {base} (the backbone {final_dir} was trained from); "
+                                "pass its folder on this machine: --base <folder>")
     if FAMILIES[info["family"]].trust_remote_code and not trust_remote_code:
         raise ValueError(f"{info['family']} runs remote code from {base}; merge with --trust-remote-code, "
                          "only for a folder you trust")
