@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check sam4mllm scripts tests bench
 
 # Two workers, one test file each at a time (files share session fixtures), one OpenMP thread each
-# (tests/conftest.py): 9-12 min on this 2-core machine (2026-12-07; 14 min with installing, in a fresh clone).
+# (tests/conftest.py): 8-12 min on this 2-core machine (2026-12-07, busy or not; 10-14 min with installing, in a fresh clone).
 test: $(STAMP) lint
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
