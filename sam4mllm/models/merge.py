@@ -20,7 +20,8 @@ def run_info(final_dir: str | Path, family: str | None = None, hint: str = "") -
                                 f"scripts/train.py, in run_dir/final): train first{hint}")
     info = json.loads(path.read_text())
     if family is not None and info["family"] != family:
-        raise ValueError(f"{final_dir} was trained on {info['family']}, not {family}")
+        raise ValueError(f"{final_dir} was trained on {info['family']}, not {family}: choose the model config it "
+                         f"was trained with (model=..., its backbone was {info.get('base')})")
     return info
 
 
