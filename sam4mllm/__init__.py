@@ -10,10 +10,15 @@ __version__ = "0.1.0"
 # The Hydra config tree lives beside the package in the repository (editable install).
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-# The training run an evaluation loads by default (configs/eval.yaml): box-only is a PQPP
-# model's round 1 alone, so it reads the PQPP run; no run is trained as "box_only".
-OmegaConf.register_new_resolver("trained_variant", lambda variant: "pqpp" if variant == "box_only" else variant,
-                                replace=True)
+
+def trained_variant(variant: str) -> str:
+    """The variant of the run that an evaluation of ``variant`` loads: box-only is a PQPP model's
+    round 1 alone, so it reads a PQPP run; no run is trained as "box_only"."""
+    return "pqpp" if variant == "box_only" else variant
+
+
+OmegaConf.register_new_resolver("trained_variant", trained_variant, replace=True)  # configs/eval.yaml's default run
+
 # A file's name without its folder and suffix (configs/predict.yaml names its output folder after the image).
 OmegaConf.register_new_resolver("stem", lambda path: Path(str(path)).stem, replace=True)
 

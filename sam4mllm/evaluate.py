@@ -60,12 +60,28 @@ def build_predictor(cfg: Any) -> Any:
     # The trained checkpoint and the segmenter before the backbone: a missing run or SAM
     # checkpoint fails in seconds, not after a 7B has loaded.
     if cfg.checkpoint:
-        run_info(cfg.checkpoint, cfg.model.family, UNTRAINED_HINT)
+        _check_trained_for(run_info(cfg.checkpoint, cfg.model.family, UNTRAINED_HINT), cfg)
     segmenter = build(cfg.sam)
     adapter = build(cfg.model)
     if cfg.checkpoint:
         load_finetuned(adapter, cfg.checkpoint)
     return Sam4MLLM(adapter, segmenter, cfg.variant, pqpp_config(cfg), cfg.eval.max_new_tokens, cfg.seed)
+
+
+def _check_trained_for(info: dict[str, Any], cfg: Any) -> None:
+    """Refuse a run trained on the other variant's dialogs (its answers would be scored as this
+    one's); warn when a PQPP run's points round was trained in the other layout than it is asked."""
+    from sam4mllm import trained_variant
+
+    trained = info.get("variant")  # not recorded by older runs: nothing to check
+    if trained and trained != trained_variant(cfg.variant):
+        raise ValueError(f"{cfg.checkpoint} was trained as {trained}, but variant={cfg.variant} asks it the "
+                         f"{trained_variant(cfg.variant)} dialog: set variant={trained}"
+                         + (" (or box_only)" if trained == "pqpp" else ""))
+    mode = info.get("pqpp_mode")
+    if cfg.variant == "pqpp" and mode and (mode == "joint") != (cfg.eval.pqpp.mode == "joint"):
+        log.warning("%s was trained with pqpp_mode=%s but is asked with eval.pqpp.mode=%s (eval=official asks "
+                    "joint, the default per point)", cfg.checkpoint, mode, cfg.eval.pqpp.mode)
 
 
 def pqpp_config(cfg: Any) -> PQPPConfig:

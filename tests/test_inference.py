@@ -633,8 +633,9 @@ def test_evaluation_that_failed_before_its_first_sample_reruns_with_the_fix(work
     assert fixed == _run(_eval_cfg(workspace, tmp_path / "clean"), Oracle())
 
 
-def test_a_missing_run_or_segmenter_checkpoint_fails_before_the_backbone_loads(workspace, tmp_path):
-    """The 7B's weights are missing too: each error must be about the run or SAM, found first."""
+def test_evaluation_checks_its_run_and_segmenter_before_the_backbone_loads(workspace, tmp_path, caplog):
+    """The 7B's weights are missing: a missing run, one of another family or variant, and a missing
+    SAM file must each fail on their own error first."""
     from sam4mllm.evaluate import build_predictor
     from sam4mllm.sam.base import CheckpointNotFoundError
 
@@ -651,6 +652,19 @@ def test_a_missing_run_or_segmenter_checkpoint_fails_before_the_backbone_loads(w
         build_predictor(cfg(f"checkpoint={other}"))
     with pytest.raises(CheckpointNotFoundError, match=r"sam_vit_h_4b8939\.pth"):
         build_predictor(cfg("sam=sam_vit_h", f"sam.checkpoint={tmp_path / 'sam_vit_h_4b8939.pth'}"))
+    # A run trained on the other variant's dialogs is refused; box-only reads a PQPP run.
+    for variant, mode in (("ppg", "per_point"), ("pqpp", "joint")):
+        (tmp_path / variant).mkdir()
+        (tmp_path / variant / "sam4mllm.json").write_text(json.dumps(
+            {"family": "qwen2vl", "finetune": "lora", "base": "x", "variant": variant, "pqpp_mode": mode}))
+    with pytest.raises(ValueError, match=r"was trained as ppg, but variant=pqpp .*: set variant=ppg$"):
+        build_predictor(cfg(f"checkpoint={tmp_path / 'ppg'}"))
+    with pytest.raises(ValueError, match=r"trained as pqpp, but variant=ppg .*: set variant=pqpp \(or box_only\)"):
+        build_predictor(cfg(f"checkpoint={tmp_path / 'pqpp'}", "variant=ppg"))
+    for variant in ("box_only", "pqpp"):  # accepted: on to the backbone, whose weights are missing
+        with pytest.raises(FileNotFoundError, match="no model folder"):
+            build_predictor(cfg(f"checkpoint={tmp_path / 'pqpp'}", f"variant={variant}"))
+    assert caplog.text.count("trained with pqpp_mode=joint but is asked with eval.pqpp.mode=per_point") == 1
 
 
 def test_rethresholding_an_evaluation_that_kept_every_answer_equals_evaluating_at_that_threshold(
