@@ -65,6 +65,22 @@ def test_only_the_decoder_trains_the_loss_falls_and_the_checkpoint_loads(synthet
         finetune_decoder(_cfg(synthetic.root, tmp_path), seg)
 
 
+def test_a_refused_out_dir_or_missing_data_fails_before_sam_loads(synthetic, tmp_path):
+    """SAM's checkpoint is missing too: each error must be the job's own, found first."""
+    from sam4mllm.data import DatasetNotFoundError
+    from sam4mllm.sam.base import CheckpointNotFoundError
+
+    no_sam = ["sam=sam_vit_b", f"sam.checkpoint={tmp_path / 'sam_vit_b_01ec64.pth'}"]
+    with pytest.raises(CheckpointNotFoundError):  # for contrast
+        finetune_decoder(_cfg(synthetic.root, tmp_path / "a", *no_sam))
+    with pytest.raises(DatasetNotFoundError, match="no_coco"):
+        finetune_decoder(_cfg(synthetic.root, tmp_path / "b", *no_sam, f"coco.instances={tmp_path / 'no_coco.json'}"))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "mask_decoder.safetensors").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        finetune_decoder(_cfg(synthetic.root, tmp_path / "c", *no_sam))
+
+
 def test_grabcut_has_no_decoder(synthetic, tmp_path):
     from sam4mllm.sam.grabcut import GrabCutSegmenter
 

@@ -125,9 +125,6 @@ def finetune_decoder(cfg: Any, segmenter: Any = None) -> Path:
     """
     from safetensors.torch import save_file
 
-    segmenter = segmenter or build(cfg.sam)
-    if not hasattr(segmenter, "predictor"):
-        raise ValueError(f"{segmenter.name} has no SAM mask decoder to fine-tune; choose a SAM-family sam/ config")
     out_dir = Path(cfg.out_dir)
     ckpt, state_path = out_dir / "mask_decoder.safetensors", out_dir / "state.pt"
     if ckpt.exists() and not cfg.overwrite:
@@ -138,6 +135,9 @@ def finetune_decoder(cfg: Any, segmenter: Any = None) -> Path:
     exclude = evaluation_image_ids(cfg.exclude.refer_root, list(cfg.exclude.datasets), cfg.exclude.require_all)
     data = CocoInstances(cfg.coco.instances, cfg.coco.image_dir, exclude, max_instances=cfg.max_instances)
     log.info("fine-tuning on %d images (%d excluded as refer val/test images)", len(data), data.excluded)
+    segmenter = segmenter or build(cfg.sam)  # after the checks above: a refused out_dir or missing data comes first
+    if not hasattr(segmenter, "predictor"):
+        raise ValueError(f"{segmenter.name} has no SAM mask decoder to fine-tune; choose a SAM-family sam/ config")
 
     torch.manual_seed(cfg.seed)
     model = segmenter.model
