@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
+from sam4mllm import trained_variant
 from sam4mllm.config import build
 from sam4mllm.data import build_dataset
 from sam4mllm.data.base import load_image
@@ -71,8 +72,6 @@ def build_predictor(cfg: Any) -> Any:
 def _check_trained_for(info: dict[str, Any], cfg: Any) -> None:
     """Refuse a run trained on the other variant's dialogs (its answers would be scored as this
     one's); warn when a PQPP run's points round was trained in the other layout than it is asked."""
-    from sam4mllm import trained_variant
-
     trained = info.get("variant")  # not recorded by older runs: nothing to check
     if trained and trained != trained_variant(cfg.variant):
         raise ValueError(f"{cfg.checkpoint} was trained as {trained}, but variant={cfg.variant} asks it the "
