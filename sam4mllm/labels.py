@@ -184,7 +184,7 @@ def label_image(
     return out, skipped
 
 
-def _header(cfg: Any, segmenter_name: str, data: str) -> dict[str, Any]:
+def _header(cfg: Any, data: str) -> dict[str, Any]:
     semantic = {
         "data": data,  # the annotation files' hash: labels of an edited dataset are not resumed
         "variant": cfg.variant,
@@ -195,8 +195,7 @@ def _header(cfg: Any, segmenter_name: str, data: str) -> dict[str, Any]:
         "seed": cfg.seed,
     }
     digest = hashlib.sha256(json.dumps(semantic, sort_keys=True).encode()).hexdigest()[:16]
-    return {"format": LABEL_FORMAT, "version": LABEL_VERSION, "config_hash": digest,
-            "segmenter": segmenter_name, **semantic}
+    return {"format": LABEL_FORMAT, "version": LABEL_VERSION, "config_hash": digest, **semantic}
 
 
 def generate_labels(cfg: Any, segmenter_factory: Callable[[], Segmenter] | None = None) -> Path | None:
@@ -211,10 +210,17 @@ def generate_labels(cfg: Any, segmenter_factory: Callable[[], Segmenter] | None 
         raise ValueError("VQA samples need no SAM labels: the trainer reads VQAv2 directly")
     for reason, n in ds.skipped.items():
         log.warning("%s/%s: %d entries skipped while loading: %s", cfg.dataset.name, cfg.split, n, reason)
-    segmenter = None
-    if cfg.variant == "ppg":
-        segmenter = segmenter_factory() if segmenter_factory else build(cfg.sam)
-    header = _header(cfg, segmenter.name if segmenter else "none", ds.fingerprint())
+    segmenter: Segmenter | None = None
+
+    def get_segmenter() -> Segmenter | None:
+        # Built on first use, after the shard's header check: a rerun of another configuration, or of a
+        # finished job, does not wait for SAM to load. PQPP labels come from the GT masks alone.
+        nonlocal segmenter
+        if segmenter is None and cfg.variant == "ppg":
+            segmenter = segmenter_factory() if segmenter_factory else build(cfg.sam)
+        return segmenter
+
+    header = _header(cfg, ds.fingerprint())
     index, count = shard_from_env(cfg.shard.index, cfg.shard.count)
     out_dir = Path(cfg.out_dir)
     items = ds.by_image()
@@ -225,12 +231,12 @@ def generate_labels(cfg: Any, segmenter_factory: Callable[[], Segmenter] | None 
         if len(todo) < len(mine) or w.retried:
             log.info("resuming %s: %d of %d images already labelled, %d that could not be read retried", w.path,
                      len(mine) - len(todo), len(mine), w.retried)
+        seg = get_segmenter() if todo else None
         bar = tqdm(todo, desc=f"{cfg.variant} labels [{index + 1}/{count}]", unit="img", initial=len(mine) - len(todo),
                    total=len(mine), disable=not cfg.progress)
         for k, (key, rec_ids) in bar:
             try:
-                samples, skipped = label_image(ds, rec_ids, cfg.variant, params, _image_rng(cfg.seed, key),
-                                               segmenter)
+                samples, skipped = label_image(ds, rec_ids, cfg.variant, params, _image_rng(cfg.seed, key), seg)
                 w.write({"key": key, "index": k, "image_path": str(ds.records[rec_ids[0]]["image_path"]),
                          "samples": samples, **({"skipped": skipped} if skipped else {})})
             except UNREADABLE as err:
@@ -248,7 +254,7 @@ def generate_labels(cfg: Any, segmenter_factory: Callable[[], Segmenter] | None 
     if merged:
         log.info("labels merged into %s", merged)
         if cfg.overlays:
-            write_label_overlays(merged, ds, out_dir / "overlays", cfg.overlays, segmenter)
+            write_label_overlays(merged, ds, out_dir / "overlays", cfg.overlays, get_segmenter())
     return merged
 
 

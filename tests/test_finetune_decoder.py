@@ -65,7 +65,7 @@ def test_only_the_decoder_trains_the_loss_falls_and_the_checkpoint_loads(synthet
         finetune_decoder(_cfg(synthetic.root, tmp_path), seg)
 
 
-def test_a_refused_out_dir_or_missing_data_fails_before_sam_loads(synthetic, tmp_path):
+def test_a_refused_out_dir_missing_data_or_a_bad_resume_fails_before_sam_loads(synthetic, tmp_path):
     """SAM's checkpoint is missing too: each error must be the job's own, found first."""
     from sam4mllm.data import DatasetNotFoundError
     from sam4mllm.sam.base import CheckpointNotFoundError
@@ -79,6 +79,12 @@ def test_a_refused_out_dir_or_missing_data_fails_before_sam_loads(synthetic, tmp
     (tmp_path / "c" / "mask_decoder.safetensors").write_bytes(b"")
     with pytest.raises(FileExistsError, match="overwrite=true"):
         finetune_decoder(_cfg(synthetic.root, tmp_path / "c", *no_sam))
+    with pytest.raises(FileNotFoundError, match="resume=true but"):
+        finetune_decoder(_cfg(synthetic.root, tmp_path / "d", *no_sam, "resume=true"))
+    (tmp_path / "e").mkdir()
+    torch.save({"step": 3, "images": 999, "losses": [], "skipped": []}, tmp_path / "e" / "state.pt")
+    with pytest.raises(ValueError, match="trained on 999 images"):
+        finetune_decoder(_cfg(synthetic.root, tmp_path / "e", *no_sam, "resume=true"))
 
 
 def test_grabcut_has_no_decoder(synthetic, tmp_path):

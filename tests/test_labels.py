@@ -122,7 +122,8 @@ def test_ppg_job_decodes_and_embeds_each_image_once_and_covers_every_sentence(sy
     seg = GrabCutSegmenter()
     merged = generate_labels(_cfg(_data_dir(synthetic), tmp_path / "once", "+exp=ppg", "split=val"), lambda: seg)
     header, records = read_shard(merged)
-    assert header["segmenter"] == "grabcut" and header["variant"] == "ppg" and "shard" not in header
+    assert header["sam"]["_target_"].endswith("GrabCutSegmenter") and header["variant"] == "ppg"
+    assert "shard" not in header
     assert seg.embed_count == len(records) == len(decoded) == len(set(decoded)) == 8
     stats = label_stats(merged)
     ds = refer.ReferDataset(synthetic.root / "refer_seg", "refcoco", "val", synthetic.root / "coco/train2014")
@@ -212,6 +213,31 @@ def test_rerun_with_another_config_refuses_to_mix(synthetic, tmp_path):
     generate_labels(_cfg(_data_dir(synthetic), tmp_path, "+exp=pqpp"))
     with pytest.raises(FileExistsError, match="another configuration"):
         generate_labels(_cfg(_data_dir(synthetic), tmp_path, "+exp=pqpp", "seed=1"))
+
+
+def test_the_segmenter_is_built_only_when_an_image_is_left_to_label_and_after_the_header_check(synthetic, tmp_path):
+    """A rerun of another configuration is refused, and a finished job merged again, without loading SAM."""
+    from sam4mllm.sam.grabcut import GrabCutSegmenter
+
+    built = []
+
+    def factory():
+        built.append(1)
+        return GrabCutSegmenter()
+
+    def unloadable():
+        raise RuntimeError("the segmenter was built")
+
+    data = _data_dir(synthetic)
+    first = generate_labels(_cfg(data, tmp_path, "+exp=ppg", "split=val"), factory)
+    assert built == [1]
+    again = generate_labels(_cfg(data, tmp_path, "+exp=ppg", "split=val"), unloadable)
+    assert again.read_bytes() == first.read_bytes()
+    with pytest.raises(FileExistsError, match="another configuration"):
+        generate_labels(_cfg(data, tmp_path, "+exp=ppg", "split=val", "labels.top_k=2"), unloadable)
+    with pytest.raises(RuntimeError, match="was built"):  # images to label: it is needed
+        generate_labels(_cfg(data, tmp_path / "new", "+exp=ppg", "split=val"), unloadable)
+    assert generate_labels(_cfg(data, tmp_path / "pqpp", "+exp=pqpp", "split=val"), unloadable).exists()
 
 
 def test_labels_of_an_edited_dataset_are_not_resumed(synthetic, tmp_path):

@@ -135,16 +135,6 @@ def finetune_decoder(cfg: Any, segmenter: Any = None) -> Path:
     exclude = evaluation_image_ids(cfg.exclude.refer_root, list(cfg.exclude.datasets), cfg.exclude.require_all)
     data = CocoInstances(cfg.coco.instances, cfg.coco.image_dir, exclude, max_instances=cfg.max_instances)
     log.info("fine-tuning on %d images (%d excluded as refer val/test images)", len(data), data.excluded)
-    segmenter = segmenter or build(cfg.sam)  # after the checks above: a refused out_dir or missing data comes first
-    if not hasattr(segmenter, "predictor"):
-        raise ValueError(f"{segmenter.name} has no SAM mask decoder to fine-tune; choose a SAM-family sam/ config")
-
-    torch.manual_seed(cfg.seed)
-    model = segmenter.model
-    model.requires_grad_(False)
-    model.mask_decoder.requires_grad_(True)
-    model.mask_decoder.train()
-    opt = torch.optim.AdamW(model.mask_decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = len(data)
     state: dict[str, Any] = {"step": 0, "images": n, "losses": [], "skipped": []}
     if cfg.resume:
@@ -154,6 +144,17 @@ def finetune_decoder(cfg: Any, segmenter: Any = None) -> Path:
         if state["images"] != n:  # the order of every epoch would differ
             raise ValueError(f"{state_path} was trained on {state['images']} images, these settings give {n}; "
                              "resume with the same COCO files and exclusion lists, or overwrite=true")
+    segmenter = segmenter or build(cfg.sam)  # after the checks above: a refused out_dir, data or resume comes first
+    if not hasattr(segmenter, "predictor"):
+        raise ValueError(f"{segmenter.name} has no SAM mask decoder to fine-tune; choose a SAM-family sam/ config")
+
+    torch.manual_seed(cfg.seed)
+    model = segmenter.model
+    model.requires_grad_(False)
+    model.mask_decoder.requires_grad_(True)
+    model.mask_decoder.train()
+    opt = torch.optim.AdamW(model.mask_decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.resume:
         model.mask_decoder.load_state_dict(state.pop("decoder"))
         opt.load_state_dict(state.pop("optimizer"))
         torch.set_rng_state(state.pop("torch_rng"))
