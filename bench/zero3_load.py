@@ -38,14 +38,15 @@ def rank_main(out: str, stage: str) -> None:
 
     from sam4mllm import CONFIG_DIR
     from sam4mllm.config import build
-    from sam4mllm.training.trainer import Trainer, _init_distributed
+    from sam4mllm.training.distributed import init_distributed
+    from sam4mllm.training.trainer import Trainer
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
             "+exp=pqpp", f"paths.output_dir={out}", f"deepspeed={stage}", "model=tiny_qwen2vl",
             f"model.path={out}/model", f"run_dir={out}/run-{stage}",
             *(f"model.tiny.{k}={v}" for k, v in SIZES.items())])
-    _init_distributed(True, torch.device("cpu"))
+    init_distributed(True, torch.device("cpu"))
     trainer = Trainer(cfg)
     before = _peak_mb()
     with trainer._zero3_loading():

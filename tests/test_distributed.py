@@ -190,11 +190,12 @@ import torch
 from omegaconf import OmegaConf
 
 from sam4mllm.config import build
-from sam4mllm.training.trainer import Trainer, _init_distributed
+from sam4mllm.training.distributed import init_distributed
+from sam4mllm.training.trainer import Trainer
 
 out, *cfgs = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 logging.basicConfig(level=logging.INFO)
-_init_distributed(True, torch.device("cpu"))
+init_distributed(True, torch.device("cpu"))
 for path in cfgs:
     trainer = Trainer(OmegaConf.load(path))
     with trainer._zero3_loading():

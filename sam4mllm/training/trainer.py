@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import re
 import resource
@@ -36,73 +35,9 @@ from sam4mllm.data.errors import UNREADABLE
 from sam4mllm.device import resolve_device
 from sam4mllm.models.adapter import IGNORE_INDEX, SampleTooLongError
 from sam4mllm.training.data import Example, build_mixture, examples_digest, label_examples
+from sam4mllm.training.distributed import barrier, init_distributed, mean_across_ranks, rank, world
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------- distribution
-def rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def world() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _unlink_shm_buffer() -> None:
-    """Remove this rank's name of DeepSpeed's CPU all-reduce buffer from ``/dev/shm``.
-
-    DeepSpeed maps one ~70 MB shared-memory buffer per rank and never unlinks it, so every
-    CPU run used to leave them in RAM-backed ``/dev/shm`` (hundreds of runs filled 14 GB
-    here). Once every rank is past initialisation (the barrier) all buffers are mapped
-    everywhere; the mappings outlive the name, and a killed run then leaks nothing.
-    """
-    barrier()
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")  # as shm.cpp reads them
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{torch.distributed.get_rank()}"
-    Path("/dev/shm", name).unlink(missing_ok=True)
-
-
-def _init_distributed(use_deepspeed: bool, device: torch.device) -> None:
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1 and not use_deepspeed:
-        return
-    on_gpu = device.type == "cuda"
-    backend = "nccl" if on_gpu else "gloo"
-    if use_deepspeed:
-        if not on_gpu:  # model.device=cpu on a GPU machine: DeepSpeed would otherwise pick CUDA itself
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed
-
-        from sam4mllm.training.launch import env_tools_first, free_port
-
-        env_tools_first()  # the same ninja builds DeepSpeed's ops whichever shell started the run
-        if "RANK" not in os.environ:  # `python scripts/train.py` without a launcher: a group of one
-            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                               "MASTER_PORT": str(free_port())})
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-        if not on_gpu:
-            _unlink_shm_buffer()
-    elif not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend)
-    if on_gpu:
-        torch.cuda.set_device(device)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        # CPU ranks share the cores: without this each takes them all and they thrash (4x slower here).
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world())))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
-
-
-def _mean_across_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-        t /= world()
-    return t.tolist()
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -189,7 +124,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        _init_distributed(self.use_ds, self.device)
+        init_distributed(self.use_ds, self.device)
         if self.run_dir.exists() and any(self.run_dir.iterdir()) and not self.cfg.resume:
             raise FileExistsError(f"{self.run_dir} exists; set resume=true to continue it or choose another run_dir")
         barrier()
@@ -360,7 +295,7 @@ class Trainer:
                 if not stepped:
                     continue
                 self.step += 1
-                loss_mean, tok = _mean_across_ranks([float(np.mean(window)), float(tokens)])
+                loss_mean, tok = mean_across_ranks([float(np.mean(window)), float(tokens)])
                 dt = time.perf_counter() - t0
                 rec = {"step": self.step, "loss": loss_mean, "lr": float(self.sched.get_last_lr()[0]),
                        "tokens_per_s": tok * world() / dt, "step_s": dt, "peak_mem_mb": peak_memory_mb(self.device),
