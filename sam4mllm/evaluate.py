@@ -56,14 +56,15 @@ PRED_FORMAT, PRED_VERSION, MERGED = "sam4mllm-predictions", 1, "predictions.json
 
 def build_predictor(cfg: Any) -> Any:
     """The :class:`Sam4MLLM` of a config: backbone + trained weights + segmenter + round-2 settings."""
-    from sam4mllm.models.merge import UNTRAINED_HINT, load_finetuned, run_info
+    from sam4mllm.models.merge import UNTRAINED_HINT, check_image_size, load_finetuned, run_info
 
-    # The trained checkpoint and the segmenter before the backbone: a missing run or SAM
-    # checkpoint fails in seconds, not after a 7B has loaded.
+    # The trained checkpoint, the segmenter and the image size before the backbone's weights: a
+    # missing run or SAM checkpoint, or another model.max_pixels, fails in seconds, not after a 7B has loaded.
     if cfg.checkpoint:
         _check_trained_for(run_info(cfg.checkpoint, cfg.model.family, UNTRAINED_HINT), cfg)
     segmenter = build(cfg.sam)
-    adapter = build(cfg.model)
+    adapter = build(cfg.model, check_processor=(lambda p: check_image_size(cfg.checkpoint, p)) if cfg.checkpoint
+                    else None)
     if cfg.checkpoint:
         load_finetuned(adapter, cfg.checkpoint)
     return Sam4MLLM(adapter, segmenter, cfg.variant, pqpp_config(cfg), cfg.eval.max_new_tokens, cfg.seed)

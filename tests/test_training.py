@@ -562,7 +562,7 @@ def test_an_exported_checkpoint_is_the_final_folder_a_run_stopped_there_writes(w
         export_checkpoint(tmp_path / "four", "step-0000003")
 
 
-def test_final_adapter_and_merge(workspace, tmp_path):
+def test_final_adapter_and_merge(workspace, tmp_path, monkeypatch):
     from sam4mllm.models.merge import load_finetuned, merge_adapter
 
     cfg = _cfg(workspace, tmp_path / "run", "train.max_steps=2", "train.optimizer.lr=1e-2")
@@ -601,6 +601,13 @@ def test_final_adapter_and_merge(workspace, tmp_path):
     small = instantiate(workspace("train", "+exp=pqpp", "++model.max_pixels=3136").model)
     with pytest.raises(ValueError, match=r"longest_edge': 12544.*longest_edge': 3136.*model.max_pixels"):
         load_finetuned(small, final)
+    # An evaluation finds it before the backbone's weights load (minutes for a 7B): here they cannot.
+    from sam4mllm.evaluate import build_predictor
+
+    with monkeypatch.context() as m:
+        m.setattr(type(a.model), "from_pretrained", classmethod(lambda *_, **__: pytest.fail("weights loaded")))
+        with pytest.raises(ValueError, match=r"longest_edge': 12544.*longest_edge': 3136.*model.max_pixels"):
+            build_predictor(workspace("eval", "++model.max_pixels=3136", f"checkpoint={final}"))
 
 
 @pytest.mark.parametrize("family", ["qwen2vl", "qwen2_5vl", "qwen3vl"])

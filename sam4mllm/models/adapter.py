@@ -15,7 +15,7 @@ import socket
 import tempfile
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -110,13 +110,17 @@ class Adapter:
         max_pixels: caps the input image's area for the dynamic-resolution Qwen families
             (Qwen2-VL's released processor allows 12.8 MP, 16k image tokens: far past
             ``max_length``); ``None`` keeps the folder's setting.
+        check_processor: called with the loaded processor before the weights load, so that a
+            mismatch it raises on (a trained run's image size, say) comes in seconds.
     """
 
     batch_generation = True  # model_inputs_batch + left-padded generate (the predictor's round 1)
+    _check_processor: Callable[[Any], None] | None = None
 
     def __init__(self, family: str, path: str | Path, dtype: str = "float32", device: str = "auto",
                  trust_remote_code: bool = False, max_length: int = 2048, prompt_format: str | None = None,
-                 attn_implementation: str | None = None, max_pixels: int | None = None) -> None:
+                 attn_implementation: str | None = None, max_pixels: int | None = None,
+                 check_processor: Callable[[Any], None] | None = None) -> None:
         if family not in FAMILIES:
             raise ValueError(f"unknown backbone family {family!r}; choose one of {sorted(FAMILIES)}")
         self.family, self.spec, self.max_length = family, FAMILIES[family], max_length
@@ -132,7 +136,7 @@ class Adapter:
         if max_pixels is not None and family not in DYNAMIC_RESOLUTION:
             raise ValueError(f"model.max_pixels applies to {sorted(DYNAMIC_RESOLUTION)}; {family} resizes its "
                              "images to a size of its own")
-        self.max_pixels = max_pixels
+        self.max_pixels, self._check_processor = max_pixels, check_processor
         self.fmt: PromptFormat = get_format(prompt_format or self.spec.prompt_format)
         self.processor, self.model = self._load(dtype, resolve_device(device), trust_remote_code,
                                                  attn_implementation)
@@ -159,6 +163,8 @@ class Adapter:
                 raise ValueError(f"model.max_pixels={self.max_pixels} is below the processor's minimum "
                                  f"{ip.size['shortest_edge']} pixels")
             ip.size = replace(ip.size, longest_edge=self.max_pixels)
+        if self._check_processor is not None:
+            self._check_processor(processor)
         model = model_cls.from_pretrained(self.path, **model_kw).to(device)
         return processor, model
 
@@ -373,6 +379,8 @@ class QwenVLChatAdapter(Adapter):
         model_cls, tokenizer_cls = auto_classes(self.family)
         kw: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
         tok = tokenizer_cls.from_pretrained(self.path, **kw)
+        if self._check_processor is not None:
+            self._check_processor(tok)
         model = model_cls.from_pretrained(self.path, dtype=DTYPES[dtype], **kw).to(device)
         # Not in the model folder, which may be read-only (shared storage) and is copied by merges;
         # removed when the adapter goes, or by the next adapter on this machine if a kill left it.

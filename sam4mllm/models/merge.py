@@ -63,20 +63,27 @@ def _pixels(size: Any) -> dict[str, int]:
     return {k: v for k, v in dataclasses.asdict(size).items() if v is not None}
 
 
+def check_image_size(checkpoint: str | Path, processor: Any) -> None:
+    """Refuse a processor that resizes images otherwise than the one saved with the run in ``checkpoint``:
+    the model would see inputs (and coordinates) it never saw. A family with no image processor passes."""
+    here = getattr(processor, "image_processor", None)
+    if here is None:
+        return
+    from transformers import AutoImageProcessor
+
+    trained = AutoImageProcessor.from_pretrained(checkpoint, local_files_only=True).size
+    if trained != here.size:
+        raise ValueError(f"{checkpoint} was trained on images resized to {_pixels(trained)}, but this model "
+                         f"resizes to {_pixels(here.size)}; set model.max_pixels as in training")
+
+
 def load_finetuned(adapter: object, checkpoint: str | Path) -> None:
     """Put the weights trained by ``scripts/train.py`` (``run_dir/final``) into ``adapter.model``."""
     from peft import PeftModel
 
     checkpoint = Path(checkpoint)
     info = run_info(checkpoint, adapter.family, UNTRAINED_HINT)  # type: ignore[attr-defined]
-    here = getattr(adapter.processor, "image_processor", None)  # type: ignore[attr-defined]
-    if here is not None:  # another image size would show the model inputs (and coordinates) it never saw
-        from transformers import AutoImageProcessor
-
-        trained = AutoImageProcessor.from_pretrained(checkpoint, local_files_only=True).size
-        if trained != here.size:
-            raise ValueError(f"{checkpoint} was trained on images resized to {_pixels(trained)}, but this model "
-                             f"resizes to {_pixels(here.size)}; set model.max_pixels as in training")
+    check_image_size(checkpoint, adapter.processor)  # type: ignore[attr-defined]
     if info["finetune"] == "lora":
         adapter.model = PeftModel.from_pretrained(adapter.model, checkpoint).merge_and_unload()  # type: ignore[attr-defined]
     else:  # the class the backbone was loaded with (a remote-code class too, already trusted by the adapter)
