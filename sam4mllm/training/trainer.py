@@ -99,6 +99,11 @@ def trainable_counts(model: torch.nn.Module) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------- recipe
+# Settings that decide which weights train, their shapes or the base they adapt: a checkpoint
+# saved under others cannot be resumed (a moved model.path can).
+WEIGHT_SETTINGS = ("model.family", "model.tiny", "train.finetune", "train.lora.r")
+
+
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """``{"a.b": value}`` from nested dicts (lists stay values)."""
     if not isinstance(tree, dict):
@@ -450,8 +455,11 @@ class Trainer:
                              "other examples than the run it continues. Restore that data, or train afresh in "
                              "another run_dir")
         saved, now = _flatten(meta["config"]), _flatten(OmegaConf.to_container(self.cfg, resolve=True))
-        changes = [f"{k}: {saved.get(k, '<unset>')} -> {now.get(k, '<unset>')}"
-                   for k in sorted(saved.keys() | now.keys()) if k != "resume" and saved.get(k) != now.get(k)]
+        changed = [k for k in sorted(saved.keys() | now.keys()) if k != "resume" and saved.get(k) != now.get(k)]
+        changes = [f"{k}: {saved.get(k, '<unset>')} -> {now.get(k, '<unset>')}" for k in changed]
+        if reshaping := [c for k, c in zip(changed, changes, strict=True) if k.startswith(WEIGHT_SETTINGS)]:
+            raise ValueError(f"resuming {tag} with {', '.join(reshaping)}: its weights would not fit the model these "
+                             "settings build. Resume with the saved values, or train afresh in another run_dir")
         if changes and rank() == 0:
             log.warning("resuming %s with settings that differ from those it was saved under:\n  %s", tag,
                         "\n  ".join(changes))
