@@ -119,6 +119,12 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(synthetic, tmp_path, 
     with pytest.raises(FileExistsError, match="resume=true"):
         run(tmp_path / "killed")
     assert torch.load(tmp_path / "killed" / "state.pt", weights_only=True)["step"] == 10
+    # Another segmenter (its decoder would go on training on other features) or optimisation is refused.
+    with pytest.raises(ValueError, match=r"other settings \(sam: .*sam_vit_h_4b8939\.pth.*\); resume with"):
+        finetune_decoder(_cfg(synthetic.root, tmp_path / "killed", "epochs=2", "lr=3e-4", "save_every=5",
+                              "resume=true", "sam=sam_vit_h"))
+    with pytest.raises(ValueError, match=r"other settings \(weight_decay: 0.0 -> 0.1\)"):
+        run(tmp_path / "killed", "resume=true", "weight_decay=0.1")
     resumed = run(tmp_path / "killed", "resume=true")
     for k, v in straight.items():
         assert torch.equal(v, resumed[k]), k

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from sam4mllm.atomic import write_atomic
@@ -115,6 +116,15 @@ def decoder_step(segmenter: Any, image: np.ndarray, masks: np.ndarray, boxes: np
     return sam_loss(logits, torch.as_tensor(masks, dtype=torch.float, device=logits.device), iou)
 
 
+def _settings(cfg: Any) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues: the segmenter (its weight files by
+    name, so that a moved file resumes; not its device or batch size) and the optimisation."""
+    sam = {k: Path(v).name if k in ("checkpoint", "decoder_checkpoint", "path") and v else v
+           for k, v in OmegaConf.to_container(cfg.sam, resolve=True).items() if k not in ("device", "batch_size")}
+    return {"sam": sam, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "max_instances": cfg.max_instances,
+            "seed": cfg.seed}
+
+
 def finetune_decoder(cfg: Any, segmenter: Any = None) -> Path:
     """Train the mask decoder of ``cfg.sam`` on ``cfg.coco``; save ``mask_decoder.safetensors``.
 
@@ -135,7 +145,7 @@ def finetune_decoder(cfg: Any, segmenter: Any = None) -> Path:
     exclude = evaluation_image_ids(cfg.exclude.refer_root, list(cfg.exclude.datasets), cfg.exclude.require_all)
     data = CocoInstances(cfg.coco.instances, cfg.coco.image_dir, exclude, max_instances=cfg.max_instances)
     log.info("fine-tuning on %d images (%d excluded as refer val/test images)", len(data), data.excluded)
-    n = len(data)
+    n, now = len(data), _settings(cfg)
     state: dict[str, Any] = {"step": 0, "images": n, "losses": [], "skipped": []}
     if cfg.resume:
         if not state_path.exists():
@@ -144,6 +154,15 @@ def finetune_decoder(cfg: Any, segmenter: Any = None) -> Path:
         if state["images"] != n:  # the order of every epoch would differ
             raise ValueError(f"{state_path} was trained on {state['images']} images, these settings give {n}; "
                              "resume with the same COCO files and exclusion lists, or overwrite=true")
+        saved = json.loads(state.get("settings", "null"))
+        if saved is None:
+            log.warning("%s was saved by an older version: its segmenter and settings are not checked", state_path)
+        elif saved != now:  # a decoder fitted to one SAM's features would go on training on another's
+            changed = [f"{k}: {saved.get(k)} -> {now.get(k)}" for k in sorted(saved.keys() | now.keys())
+                       if saved.get(k) != now.get(k)]
+            raise ValueError(f"{state_path} was trained with other settings ({'; '.join(changed)}); resume with "
+                             "the saved ones, or overwrite=true")
+    state["settings"] = json.dumps(now, sort_keys=True)
     segmenter = segmenter or build(cfg.sam)  # after the checks above: a refused out_dir, data or resume comes first
     if not hasattr(segmenter, "predictor"):
         raise ValueError(f"{segmenter.name} has no SAM mask decoder to fine-tune; choose a SAM-family sam/ config")
