@@ -99,9 +99,10 @@ def trainable_counts(model: torch.nn.Module) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------- recipe
-# Settings that decide which weights train, their shapes or the base they adapt: a checkpoint
-# saved under others cannot be resumed (a moved model.path can).
-WEIGHT_SETTINGS = ("model.family", "model.tiny", "train.finetune", "train.lora.r")
+# Settings a checkpoint cannot be resumed under others of: which weights train, their shapes and the base
+# they adapt (a moved model.path can change), and the optimizer, whose saved state would silently
+# override a changed one (the learning rate and weight decay are restored with it).
+FIXED_ON_RESUME = ("model.family", "model.tiny", "train.finetune", "train.lora.r", "train.optimizer")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -457,9 +458,10 @@ class Trainer:
         saved, now = _flatten(meta["config"]), _flatten(OmegaConf.to_container(self.cfg, resolve=True))
         changed = [k for k in sorted(saved.keys() | now.keys()) if k != "resume" and saved.get(k) != now.get(k)]
         changes = [f"{k}: {saved.get(k, '<unset>')} -> {now.get(k, '<unset>')}" for k in changed]
-        if reshaping := [c for k, c in zip(changed, changes, strict=True) if k.startswith(WEIGHT_SETTINGS)]:
-            raise ValueError(f"resuming {tag} with {', '.join(reshaping)}: its weights would not fit the model these "
-                             "settings build. Resume with the saved values, or train afresh in another run_dir")
+        if fixed := [c for k, c in zip(changed, changes, strict=True) if k.startswith(FIXED_ON_RESUME)]:
+            raise ValueError(f"resuming {tag} with {', '.join(fixed)}: its weights would not fit the model these "
+                             "settings build, or its optimizer state would override the new optimizer's. Resume "
+                             "with the saved values, or train afresh in another run_dir")
         if changes and rank() == 0:
             log.warning("resuming %s with settings that differ from those it was saved under:\n  %s", tag,
                         "\n  ".join(changes))
