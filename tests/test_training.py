@@ -452,8 +452,9 @@ def test_a_resume_over_changed_data_is_refused_and_changed_settings_are_listed(w
                    f"data.sources.refcoco.path={tmp_path / 'regenerated.jsonl'}",
                    "model=qwen2vl_7b", f"model.path={tmp_path / 'no_weights'}"))  # refused before a model loads
     # Settings that change the trained weights' shapes (or the base) are refused too, also before a model
-    # loads, and so is another optimizer, whose saved state would override it (its learning rate included).
-    for change in (["train.lora.r=8"], ["train.finetune=full"], ["train.optimizer.lr=2e-5"],
+    # loads, and so are another optimizer, whose saved state would override it (its learning rate included),
+    # and another seed, which orders the epoch's draws.
+    for change in (["train.lora.r=8"], ["train.finetune=full"], ["train.optimizer.lr=2e-5"], ["train.seed=1"],
                    ["model=qwen2vl_7b", f"model.path={tmp_path / 'no_weights'}"]):
         with pytest.raises(ValueError, match=r"resuming step-0000002 with .*: its weights would not fit"):
             train(_cfg(workspace, run, "train.max_steps=3", *common, "resume=true", *change))
