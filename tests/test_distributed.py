@@ -74,6 +74,12 @@ def test_two_rank_zero2_cpu_run_through_the_deepspeed_launcher(workspace, tmp_pa
     # Step 3's checkpoint (DeepSpeed's folder, the meta and both ranks' RNG files) made way for step 6's.
     assert sorted(p.name for p in ckpt.glob("step-*")) == [
         "step-0000006", "step-0000006.meta.json", "step-0000006.rng-rank00000.pt", "step-0000006.rng-rank00001.pt"]
+    # Without DeepSpeed it has no file to read (step-0000006.pt): refused, before the model loads.
+    with pytest.raises(ValueError, match=r"deepspeed\.enabled: True -> False, deepspeed\.zero_optimization\.stage: "
+                                         r"2 -> <unset>: .*another DeepSpeed setting"):
+        train(workspace("train", "+exp=pqpp", f"run_dir={tmp_path / 'ds'}", "progress=false", *same,
+                        "train.grad_accum=1", "train.save_every=3", "train.keep_checkpoints=1", "deepspeed=none",
+                        "resume=true"))
 
 
 def test_two_rank_resume_with_dialogs_too_long_to_train_follows_the_straight_run(workspace, tmp_path):

@@ -101,9 +101,11 @@ def trainable_counts(model: torch.nn.Module) -> dict[str, int]:
 # --------------------------------------------------------------------------- recipe
 # Settings a checkpoint cannot be resumed under others of: which weights train, their shapes and the base
 # they adapt (a moved model.path can change); the optimizer, whose saved state would silently override a
-# changed one (the learning rate and weight decay are restored with it); and the seed, which orders each
-# epoch's draws (the checkpoint's place in its epoch would point into another order).
-FIXED_ON_RESUME = ("model.family", "model.tiny", "train.finetune", "train.lora.r", "train.optimizer", "train.seed")
+# changed one (the learning rate and weight decay are restored with it); the seed, which orders each
+# epoch's draws (the checkpoint's place in its epoch would point into another order); and DeepSpeed on or
+# off and its ZeRO stage, which lay out the checkpoint's files.
+FIXED_ON_RESUME = ("model.family", "model.tiny", "train.finetune", "train.lora.r", "train.optimizer", "train.seed",
+                   "deepspeed.enabled", "deepspeed.zero_optimization.stage")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -461,9 +463,10 @@ class Trainer:
         changes = [f"{k}: {saved.get(k, '<unset>')} -> {now.get(k, '<unset>')}" for k in changed]
         if fixed := [c for k, c in zip(changed, changes, strict=True) if k.startswith(FIXED_ON_RESUME)]:
             raise ValueError(f"resuming {tag} with {', '.join(fixed)}: its weights would not fit the model these "
-                             "settings build, its optimizer state would override the new optimizer's, or its place "
-                             "in the epoch would point into another order of draws. Resume with the saved values, "
-                             "or train afresh in another run_dir")
+                             "settings build, its optimizer state would override the new optimizer's, its place "
+                             "in the epoch would point into another order of draws, or its files are laid out for "
+                             "another DeepSpeed setting. Resume with the saved values, or train afresh in another "
+                             "run_dir")
         if changes and rank() == 0:
             log.warning("resuming %s with settings that differ from those it was saved under:\n  %s", tag,
                         "\n  ".join(changes))
