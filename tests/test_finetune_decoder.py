@@ -92,6 +92,10 @@ def test_grabcut_has_no_decoder(synthetic, tmp_path):
 
     with pytest.raises(ValueError, match="no SAM mask decoder"):
         finetune_decoder(_cfg(synthetic.root, tmp_path), GrabCutSegmenter())
+    # From the config, before COCO's instances file (hundreds of MB) is read: here it is missing.
+    for sam, target in (("grabcut", "GrabCutSegmenter"), ("hf_sam", "HFSamSegmenter.from_pretrained")):
+        with pytest.raises(ValueError, match=f"{target} has no segment_anything mask decoder"):
+            finetune_decoder(_cfg(synthetic.root, tmp_path, f"sam={sam}", f"coco.instances={tmp_path / 'none.json'}"))
 
 
 def test_a_killed_run_resumes_to_the_uninterrupted_weights(synthetic, tmp_path, monkeypatch):

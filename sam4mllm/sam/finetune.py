@@ -28,6 +28,8 @@ from sam4mllm.data.refer import LAYOUT as REFER_LAYOUT
 from sam4mllm.data.unpickle import load_plain_pickle
 
 log = logging.getLogger(__name__)
+# The builders whose segmenters expose segment_anything's predictor and the mask decoder trained here.
+DECODER_BUILDERS = ("sam4mllm.sam.sam_family.build_segment_anything", "sam4mllm.sam.sam_family.build_efficientvit_sam")
 REFS_FILES = {"refcoco": "refs(unc).p", "refcoco+": "refs(unc).p", "refcocog": "refs(umd).p",
               "grefcoco": "grefs(unc).json"}
 
@@ -135,6 +137,9 @@ def finetune_decoder(cfg: Any, segmenter: Any = None) -> Path:
     """
     from safetensors.torch import save_file
 
+    if segmenter is None and cfg.sam.get("_target_") not in DECODER_BUILDERS:  # before COCO's instances parse
+        raise ValueError(f"sam={cfg.sam.get('_target_')} has no segment_anything mask decoder to fine-tune; "
+                         "choose sam=sam_vit_h, sam_vit_l, sam_vit_b or efficientvit_sam")
     out_dir = Path(cfg.out_dir)
     ckpt, state_path = out_dir / "mask_decoder.safetensors", out_dir / "state.pt"
     if ckpt.exists() and not cfg.overwrite:
