@@ -80,6 +80,13 @@ def test_two_rank_zero2_cpu_run_through_the_deepspeed_launcher(workspace, tmp_pa
         train(workspace("train", "+exp=pqpp", f"run_dir={tmp_path / 'ds'}", "progress=false", *same,
                         "train.grad_accum=1", "train.save_every=3", "train.keep_checkpoints=1", "deepspeed=none",
                         "resume=true"))
+    # Nor under ZeRO-3, whose folders lay the weights out in per-rank shards: refused before the model loads.
+    r = _deepspeed(workspace, tmp_path / "ds", 1, *same, "train.grad_accum=1", "train.save_every=3",
+                   "train.keep_checkpoints=1", "deepspeed=zero3", "resume=true")
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and re.search(r"ValueError: resuming step-0000006 with deepspeed\.zero_optimization\."
+                                           r"stage: 2 -> 3: .*another DeepSpeed setting", out), out[-3000:]
+    assert not _held(r)  # ZeRO-3 loading logs what each rank holds
 
 
 def test_two_rank_resume_with_dialogs_too_long_to_train_follows_the_straight_run(workspace, tmp_path):

@@ -458,6 +458,11 @@ def test_a_resume_over_changed_data_is_refused_and_changed_settings_are_listed(w
                    ["model=qwen2vl_7b", f"model.path={tmp_path / 'no_weights'}"]):
         with pytest.raises(ValueError, match=r"resuming step-0000002 with .*: its weights would not fit"):
             train(_cfg(workspace, run, "train.max_steps=3", *common, "resume=true", *change))
+    # A checkpoint two ranks saved (each rank counts its place in the epoch in its own share of the draws).
+    ckpt = run / "checkpoints"
+    shutil.copy(ckpt / "step-0000002.rng-rank00000.pt", ckpt / "step-0000002.rng-rank00001.pt")
+    with pytest.raises(ValueError, match=r"step-0000002 was saved by 2 ranks and this run has 1: resume it with 2"):
+        train(_cfg(workspace, run, "train.max_steps=3", *common, "resume=true"))
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant", "wsd"])

@@ -108,6 +108,11 @@ FIXED_ON_RESUME = ("model.family", "model.tiny", "train.finetune", "train.lora.r
                    "deepspeed.enabled", "deepspeed.zero_optimization.stage")
 
 
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether dotted ``key`` is one of ``prefixes`` or inside one (``a.b.c`` is under ``a.b``, ``a.bc`` is not)."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """``{"a.b": value}`` from nested dicts (lists stay values)."""
     if not isinstance(tree, dict):
@@ -461,7 +466,7 @@ class Trainer:
         saved, now = _flatten(meta["config"]), _flatten(OmegaConf.to_container(self.cfg, resolve=True))
         changed = [k for k in sorted(saved.keys() | now.keys()) if k != "resume" and saved.get(k) != now.get(k)]
         changes = [f"{k}: {saved.get(k, '<unset>')} -> {now.get(k, '<unset>')}" for k in changed]
-        if fixed := [c for k, c in zip(changed, changes, strict=True) if k.startswith(FIXED_ON_RESUME)]:
+        if fixed := [c for k, c in zip(changed, changes, strict=True) if _under(k, FIXED_ON_RESUME)]:
             raise ValueError(f"resuming {tag} with {', '.join(fixed)}: its weights would not fit the model these "
                              "settings build, its optimizer state would override the new optimizer's, its place "
                              "in the epoch would point into another order of draws, or its files are laid out for "
@@ -523,7 +528,13 @@ class Trainer:
         tag = (ckpt_dir / "latest").read_text().strip()
         if not self._rng_path(tag).exists():
             raise FileNotFoundError(f"{self._rng_path(tag)} is missing: resume {tag} with as many ranks as saved it")
-        return tag, self._check_resume(tag)
+        changes = self._check_resume(tag)
+        # DeepSpeed cannot repartition ZeRO's optimizer state over another number of ranks (it says so only
+        # once the model has loaded), and each rank's place in the epoch counts its own share of the draws.
+        if (saved := len(list(ckpt_dir.glob(f"{tag}.rng-rank*.pt")))) != world():
+            raise ValueError(f"{tag} was saved by {saved} ranks and this run has {world()}: resume it with {saved} "
+                             "ranks, or train afresh in another run_dir")
+        return tag, changes
 
     def _load_checkpoint(self, tag: str) -> None:
         """Restore checkpoint ``tag`` (from :meth:`_resume_point`) into the built model and optimizer."""
