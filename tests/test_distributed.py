@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -20,6 +21,18 @@ from test_training import FAMILIES, ROOT, _adapter_weights, _cfg, _losses, _reco
 
 from sam4mllm.dialogs import Dialog, pqpp_dialog
 from sam4mllm.training.trainer import train
+
+_OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"  # a one-process ZeRO checkpoint's optimizer file
+
+
+class _RunsOnLoad:
+    """Pickles as a call, ``open(path, "w")``, which any load that is not weights_only makes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple:
+        return open, (self.path, "w")
 
 
 def _launch(n_ranks: int, *args: str) -> subprocess.CompletedProcess:
@@ -151,6 +164,15 @@ def test_deepspeed_checkpoint_resume_follows_the_same_curve(workspace, tmp_path)
     (ckpt / "step-0000003.rng-rank00000.pt").unlink()
     r = run(f"run_dir={tmp_path / 'run'}", "resume=true")
     assert r.returncode != 0 and "resume step-0000003 with as many ranks as saved it" in r.stderr
+    # DeepSpeed's readers (resume, export) load under weights_only: a tampered file's code does not run.
+    marker = tmp_path / "ran"
+    (ckpt / "latest").write_text("step-0000006")
+    torch.save({"optimizer_state_dict": _RunsOnLoad(marker)}, ckpt / "step-0000006" / _OPTIM)
+    with pytest.raises(pickle.UnpicklingError, match=r"Unsupported global: GLOBAL io\.open"):
+        export_checkpoint(tmp_path / "run")
+    r = run(f"run_dir={tmp_path / 'run'}", "resume=true", "train.max_steps=7")
+    assert r.returncode != 0 and "Unsupported global: GLOBAL io.open" in r.stderr, r.stderr[-3000:]
+    assert not marker.exists()
 
 
 def test_two_rank_zero3_follows_one_process_and_its_final_folder_holds_whole_weights(workspace, tmp_path):

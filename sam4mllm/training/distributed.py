@@ -1,10 +1,14 @@
 """The process group of a training run: joining it (DeepSpeed or plain torch, GPU or CPU ranks),
-rank and world size, barriers and averages across ranks."""
+rank and world size, barriers and averages across ranks; DeepSpeed's checkpoint reads made safe."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import torch
 
@@ -23,6 +27,28 @@ def barrier() -> None:
     """Wait for every rank (a no-op without a process group)."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` inside the block is ``weights_only=True``, with the few DeepSpeed classes its
+    checkpoints hold allowed.
+
+    DeepSpeed's readers (resume, ``zero_to_fp32``) pass ``weights_only=False``, under which a tampered
+    checkpoint runs any code it holds. A file needing any other class fails, naming it.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    load = torch.load
+
+    def weights_only(*args: Any, **kwargs: Any) -> Any:
+        return load(*args, **{**kwargs, "weights_only": True})
+
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]), \
+            mock.patch.object(torch, "load", weights_only):
+        yield
 
 
 def _unlink_shm_buffer() -> None:

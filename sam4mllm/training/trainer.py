@@ -35,7 +35,7 @@ from sam4mllm.data.errors import UNREADABLE
 from sam4mllm.device import resolve_device
 from sam4mllm.models.adapter import IGNORE_INDEX, SampleTooLongError
 from sam4mllm.training.data import Example, build_mixture, examples_digest, label_examples
-from sam4mllm.training.distributed import barrier, init_distributed, mean_across_ranks, rank, world
+from sam4mllm.training.distributed import barrier, init_distributed, mean_across_ranks, rank, weights_only_loads, world
 
 log = logging.getLogger(__name__)
 
@@ -540,7 +540,8 @@ class Trainer:
         """Restore checkpoint ``tag`` (from :meth:`_resume_point`) into the built model and optimizer."""
         ckpt_dir = self.run_dir / "checkpoints"
         if self.use_ds:
-            _, state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+            with weights_only_loads():
+                _, state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
         else:
             state = torch.load(ckpt_dir / f"{tag}.pt", map_location="cpu", weights_only=True)
             model = self.engine.module if hasattr(self.engine, "module") else self.engine
@@ -639,7 +640,8 @@ def export_checkpoint(run_dir: str | Path, tag: str | None = None, out: str | Pa
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag, exclude_frozen_parameters=True)
+        with weights_only_loads():
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag, exclude_frozen_parameters=True)
     params = {n: p for n, p in adapter.model.named_parameters() if p.requires_grad}
     # DeepSpeed's reader also lists a tied weight under its alias (lm_head.weight beside embed_tokens');
     # only such aliases are dropped, so any other stray name still fails the check below
