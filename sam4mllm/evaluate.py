@@ -221,10 +221,12 @@ def evaluate(cfg: Any, predictor: Any = None) -> dict[str, Any] | None:
     # by the segmenter, once for all its sentences (not once per sentence and shard).
     mine = [i for _, (_, ids) in assign(ds.by_image(), index, count) for i in ids]
     shard_header = {**header, "shard": index, "num_shards": count, "shards_by": "image"}
-    with ShardWriter(shard_path(out_dir, index, count), shard_header) as w:
+    with ShardWriter(shard_path(out_dir, index, count), shard_header, map(str, mine)) as w:
         todo = [i for i in mine if str(i) not in w.done]
         if w.retried:
             log.info("%s: retrying %d samples whose data could not be read before", w.path, w.retried)
+        if w.adopted:
+            log.info("%s: %d samples already predicted by shards of another count", w.path, w.adopted)
         bar = tqdm(todo, desc=f"eval {cfg.dataset.name}/{split} [{index + 1}/{count}]", unit="sample",
                    initial=len(mine) - len(todo), total=len(mine), disable=not cfg.progress)
         batch: list[tuple[int, Any]] = []

@@ -226,11 +226,14 @@ def generate_labels(cfg: Any, segmenter_factory: Callable[[], Segmenter] | None 
     items = ds.by_image()
     mine = assign(items, index, count)
     params = OmegaConf.to_container(cfg.labels, resolve=True)
-    with ShardWriter(shard_path(out_dir, index, count), {**header, "shard": index, "num_shards": count}) as w:
+    with ShardWriter(shard_path(out_dir, index, count), {**header, "shard": index, "num_shards": count},
+                     [key for _, (key, _) in mine]) as w:
         todo = [(k, it) for k, it in mine if it[0] not in w.done]
         if len(todo) < len(mine) or w.retried:
             log.info("resuming %s: %d of %d images already labelled, %d that could not be read retried", w.path,
                      len(mine) - len(todo), len(mine), w.retried)
+        if w.adopted:
+            log.info("%s: %d images already labelled by shards of another count", w.path, w.adopted)
         seg = get_segmenter() if todo else None
         bar = tqdm(todo, desc=f"{cfg.variant} labels [{index + 1}/{count}]", unit="img", initial=len(mine) - len(todo),
                    total=len(mine), disable=not cfg.progress)

@@ -73,9 +73,13 @@ class ShardWriter:
     image, say). Reopening drops such records, counted in ``retried``, so the job tries
     those items again: data repaired since is then used, and data still bad fails again
     and is recorded again.
+
+    ``keys``: the keys of this shard's items. Those finished in the shards of another shard count
+    in the same folder (a killed job resumed on fewer or more processes), under the same header
+    but for the shard fields, are copied in as finished, counted in ``adopted``.
     """
 
-    def __init__(self, path: str | Path, header: dict[str, Any]) -> None:
+    def __init__(self, path: str | Path, header: dict[str, Any], keys: Iterable[str] = ()) -> None:
         self.path, self.header = Path(path), header
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records: list[dict[str, Any]] = []
@@ -89,9 +93,11 @@ class ShardWriter:
                 )
         kept = [r for r in self.records if "error" not in r]
         self.retried = len(self.records) - len(kept)
-        if self.retried:
-            self.records = kept
-            write_records(self.path, header, kept)  # atomic: a kill now loses no finished item
+        adopted = _finished_elsewhere(self.path, header, set(keys) - {r["key"] for r in kept})
+        self.adopted = len(adopted)
+        if self.retried or adopted:
+            self.records = kept + adopted
+            write_records(self.path, header, self.records)  # atomic: a kill now loses no finished item
         elif self.records:
             with open(self.path, "r+b") as f:  # drop a line torn by a kill
                 f.truncate(good)
@@ -116,6 +122,25 @@ class ShardWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_SHARD_FIELDS = ("shard", "num_shards")
+
+
+def _finished_elsewhere(path: Path, header: dict[str, Any], wanted: set[str]) -> list[dict[str, Any]]:
+    """The finished records of keys ``wanted`` in the other shard files beside ``path`` whose header
+    equals ``header`` but for the shard fields (those of another shard count)."""
+    if not wanted:
+        return []
+    job = {k: v for k, v in header.items() if k not in _SHARD_FIELDS}
+    found: dict[str, dict[str, Any]] = {}
+    for other in sorted(path.parent.glob("shard-*-of-*.jsonl")):
+        if other == path:
+            continue
+        theirs, records = read_shard(other, partial=True)
+        if {k: v for k, v in theirs.items() if k not in _SHARD_FIELDS} == job:
+            found.update((r["key"], r) for r in records if r["key"] in wanted and "error" not in r)
+    return list(found.values())
 
 
 def read_shard(path: Path, partial: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:

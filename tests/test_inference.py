@@ -433,6 +433,25 @@ def test_evaluator_resumes_and_shards_merge_to_the_single_process_result(workspa
     assert [r["sample_id"] for r in a] == [r["sample_id"] for r in b]
 
 
+def test_a_resume_on_another_shard_count_predicts_each_sentence_once(workspace, tmp_path):
+    """A job killed on 2 processes (one shard finished, the other never started) and resumed on 3:
+    the finished shard's sentences are not predicted again, and the result is one process's."""
+    single = _run(_eval_cfg(workspace, tmp_path / "one"), Oracle(garbage_every=3))
+    asked: list[int] = []
+    _run(_eval_cfg(workspace, tmp_path / "two", "shard.index=0", "shard.count=2"), Oracle(3), asked=asked)
+    first = sum(asked)
+    for i in range(3):
+        merged = _run(_eval_cfg(workspace, tmp_path / "two", f"shard.index={i}", "shard.count=3"), Oracle(3),
+                      asked=asked)
+    assert 0 < first < sum(asked) == single["n"]  # every sentence predicted once, in all
+    assert merged == single
+
+    def records(out):
+        return [{k: v for k, v in r.items() if k != "timings"} for r in read_shard(out / "predictions.jsonl")[1]]
+
+    assert records(tmp_path / "two") == records(tmp_path / "one")
+
+
 def test_shards_get_whole_images_so_each_is_read_and_embedded_once(workspace, tmp_path, monkeypatch):
     """Every sentence of an image goes to one shard, in a row: its image is decoded once to predict
     (and once more to score) and the segmenter embeds it once, however many sentences and shards

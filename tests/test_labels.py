@@ -202,6 +202,31 @@ def test_job_is_deterministic_and_shards_merge_to_the_single_process_output(synt
     assert results[2].read_bytes() == one.read_bytes()
 
 
+def test_a_resume_on_another_shard_count_labels_each_image_once(synthetic, tmp_path, monkeypatch):
+    """Killed on 3 processes (two shards finished, one never started), resumed on 2: only the
+    images of the missing shard are labelled, and the labels are one process's."""
+    import sam4mllm.labels as labels
+
+    data = _data_dir(synthetic)
+    one = generate_labels(_cfg(data, tmp_path / "one", "+exp=ppg"))
+    labelled: list[str] = []
+    real = labels.label_image
+    monkeypatch.setattr(labels, "label_image", lambda ds, ids, *a: labelled.append(ids[0]) or real(ds, ids, *a))
+    for i in (0, 1):
+        generate_labels(_cfg(data, tmp_path / "mixed", "+exp=ppg", f"shard.index={i}", "shard.count=3"))
+    first = len(labelled)
+    merged = [generate_labels(_cfg(data, tmp_path / "mixed", "+exp=ppg", f"shard.index={i}", "shard.count=2"))
+              for i in (0, 1)][1]
+    images = len(read_shard(one)[1])
+    assert 0 < first < len(labelled) == images  # every image labelled once, in all
+    assert merged.read_bytes() == one.read_bytes()
+    # Shards of another configuration (another seed) are not taken for this one's.
+    generate_labels(_cfg(data, tmp_path / "other", "+exp=ppg", "seed=1", "shard.index=0", "shard.count=3"))
+    labelled.clear()
+    assert generate_labels(_cfg(data, tmp_path / "other", "+exp=ppg")).read_bytes() == one.read_bytes()
+    assert len(labelled) == images
+
+
 def test_shard_index_comes_from_the_launcher_environment(synthetic, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
