@@ -134,8 +134,9 @@ def _finished_elsewhere(path: Path, header: dict[str, Any], wanted: set[str]) ->
         return []
     job = {k: v for k, v in header.items() if k not in _SHARD_FIELDS}
     found: dict[str, dict[str, Any]] = {}
+    count = path.name[path.name.index("-of-"):]  # this count's shards hold other items than this one's
     for other in sorted(path.parent.glob("shard-*-of-*.jsonl")):
-        if other == path:
+        if other.name.endswith(count):
             continue
         theirs, records = read_shard(other, partial=True)
         if {k: v for k, v in theirs.items() if k not in _SHARD_FIELDS} == job:
