@@ -618,8 +618,8 @@ def export_checkpoint(run_dir: str | Path, tag: str | None = None, out: str | Pa
 
     The model is built from the config the checkpoint's meta file holds, on the CPU, and its trainable
     weights are taken from the checkpoint: plain PyTorch's ``<tag>.pt``, or DeepSpeed's fp32 master
-    weights, gathered across the ZeRO partitions by DeepSpeed's own reader (which, as a resume does,
-    unpickles DeepSpeed's files: export only runs you trust).
+    weights, gathered across the ZeRO partitions by DeepSpeed's own reader (its loads made
+    ``weights_only``, as a resume's are: :func:`~sam4mllm.training.distributed.weights_only_loads`).
     """
     ckpt = Path(run_dir) / "checkpoints"
     if tag is None:
