@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -56,17 +56,26 @@ PRED_FORMAT, PRED_VERSION, MERGED = "sam4mllm-predictions", 1, "predictions.json
 
 def build_predictor(cfg: Any) -> Any:
     """The :class:`Sam4MLLM` of a config: backbone + trained weights + segmenter + round-2 settings."""
+    from sam4mllm.models import FAMILIES
     from sam4mllm.models.merge import UNTRAINED_HINT, check_image_size, load_finetuned, run_info
 
     # The trained checkpoint, the segmenter and the image size before the backbone's weights: a
     # missing run or SAM checkpoint, or another model.max_pixels, fails in seconds, not after a 7B has loaded.
-    if cfg.checkpoint:
-        _check_trained_for(run_info(cfg.checkpoint, cfg.model.family, UNTRAINED_HINT), cfg)
+    info = run_info(cfg.checkpoint, cfg.model.family, UNTRAINED_HINT) if cfg.checkpoint else {}
+    if info:
+        _check_trained_for(info, cfg)
     segmenter = build(cfg.sam)
-    adapter = build(cfg.model, check_processor=(lambda p: check_image_size(cfg.checkpoint, p)) if cfg.checkpoint
+    model_cfg, weights = cfg.model, cfg.checkpoint
+    if info.get("finetune") == "full" and not FAMILIES[cfg.model.family].trust_remote_code:
+        # The run's folder holds the whole trained model and its processor: loaded from there alone, not
+        # after the base (which would peak at two models' memory). Remote code stays the base folder's.
+        model_cfg, weights = OmegaConf.merge(cfg.model, {"path": str(cfg.checkpoint)}), None
+        with open_dict(model_cfg):
+            model_cfg.pop("tiny", None)
+    adapter = build(model_cfg, check_processor=(lambda p: check_image_size(cfg.checkpoint, p)) if cfg.checkpoint
                     else None)
-    if cfg.checkpoint:
-        load_finetuned(adapter, cfg.checkpoint)
+    if weights:
+        load_finetuned(adapter, weights)
     return Sam4MLLM(adapter, segmenter, cfg.variant, pqpp_config(cfg), cfg.eval.max_new_tokens, cfg.seed)
 
 

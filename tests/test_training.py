@@ -622,6 +622,29 @@ def test_final_adapter_and_merge(workspace, tmp_path, monkeypatch):
             build_predictor(workspace("eval", "++model.max_pixels=3136", f"checkpoint={final}"))
 
 
+def test_a_full_fine_tune_is_evaluated_from_its_own_folder_loaded_once(workspace, tmp_path, monkeypatch):
+    """Not the base first and then the trained model over it (two models' memory at the peak)."""
+    from sam4mllm.evaluate import build_predictor
+    from sam4mllm.models.merge import load_finetuned
+
+    train(_cfg(workspace, tmp_path / "run", "train.finetune=full", "train.max_steps=1", "train.warmup_ratio=0",
+               "train.optimizer.lr=1e-2"))
+    final = tmp_path / "run" / "final"
+    base = instantiate(workspace("eval").model)
+    cls, loads = type(base.model), []
+    real = cls.from_pretrained
+    with monkeypatch.context() as m:
+        m.setattr(cls, "from_pretrained", classmethod(lambda _, path, *a, **k: loads.append(Path(path))
+                                                      or real(path, *a, **k)))
+        got = build_predictor(workspace("eval", f"checkpoint={final}")).adapter.model.state_dict()
+    assert loads == [final]
+    load_finetuned(base, final)  # the base, then the trained model: the same weights
+    want = base.model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    untrained = instantiate(workspace("eval").model).model.state_dict()
+    assert any(not torch.equal(got[k], untrained[k]) for k in got)
+
+
 @pytest.mark.parametrize("family", ["qwen2vl", "qwen2_5vl", "qwen3vl"])
 def test_max_pixels_caps_the_image_tokens_and_the_coordinates_follow(workspace, family, tmp_path):
     built = instantiate(workspace("train", f"model=tiny_{family}").model).path
