@@ -31,11 +31,12 @@ def barrier() -> None:
 
 @contextmanager
 def weights_only_loads() -> Iterator[None]:
-    """Every ``torch.load`` inside the block is ``weights_only=True``, with the few DeepSpeed classes its
-    checkpoints hold allowed.
+    """Every ``torch.load`` inside the block is ``weights_only=True``, with four DeepSpeed classes allowed.
 
     DeepSpeed's readers (resume, ``zero_to_fp32``) pass ``weights_only=False``, under which a tampered
-    checkpoint runs any code it holds. A file needing any other class fails, naming it.
+    checkpoint runs any code it holds. CPU runs' ZeRO-2/3 checkpoints hold ``LossScaler``, ``ZeroStageEnum``
+    and ``fragment_address``; ``DynamicLossScaler`` (fp16) is allowed unseen. A file needing any other
+    class fails, naming it.
     """
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
