@@ -12,12 +12,15 @@ exactly what one process gives.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from sam4mllm.atomic import write_atomic
+
+log = logging.getLogger(__name__)
 
 
 def shard_from_env(index: int | None = None, count: int | None = None) -> tuple[int, int]:
@@ -76,7 +79,8 @@ class ShardWriter:
 
     ``keys``: the keys of this shard's items. Those finished in the shards of another shard count
     in the same folder (a killed job resumed on fewer or more processes), under the same header
-    but for the shard fields, are copied in as finished, counted in ``adopted``.
+    but for the shard fields, are copied in as finished, counted in ``adopted``; the merge
+    (:func:`merge_shards`) removes those files once every shard of this count is complete.
     """
 
     def __init__(self, path: str | Path, header: dict[str, Any], keys: Iterable[str] = ()) -> None:
@@ -127,20 +131,29 @@ class ShardWriter:
 _SHARD_FIELDS = ("shard", "num_shards")
 
 
-def _finished_elsewhere(path: Path, header: dict[str, Any], wanted: set[str]) -> list[dict[str, Any]]:
-    """The finished records of keys ``wanted`` in the other shard files beside ``path`` whose header
-    equals ``header`` but for the shard fields (those of another shard count)."""
-    if not wanted:
-        return []
+def _other_counts(path: Path, header: dict[str, Any]) -> Iterator[tuple[Path, list[dict[str, Any]]]]:
+    """``(file, records)`` of the shards beside shard ``path`` of another shard count whose header
+    equals ``header`` but for the shard fields: the same job, run on another number of processes."""
     job = {k: v for k, v in header.items() if k not in _SHARD_FIELDS}
-    found: dict[str, dict[str, Any]] = {}
     count = path.name[path.name.index("-of-"):]  # this count's shards hold other items than this one's
     for other in sorted(path.parent.glob("shard-*-of-*.jsonl")):
         if other.name.endswith(count):
             continue
-        theirs, records = read_shard(other, partial=True)
+        try:
+            theirs, records = read_shard(other, partial=True)
+        except FileNotFoundError:  # removed meanwhile by another rank's merge (below)
+            continue
         if {k: v for k, v in theirs.items() if k not in _SHARD_FIELDS} == job:
-            found.update((r["key"], r) for r in records if r["key"] in wanted and "error" not in r)
+            yield other, records
+
+
+def _finished_elsewhere(path: Path, header: dict[str, Any], wanted: set[str]) -> list[dict[str, Any]]:
+    """The finished records of keys ``wanted`` in the shards of another count beside ``path``."""
+    if not wanted:
+        return []
+    found: dict[str, dict[str, Any]] = {}
+    for _, records in _other_counts(path, header):
+        found.update((r["key"], r) for r in records if r["key"] in wanted and "error" not in r)
     return list(found.values())
 
 
@@ -155,6 +168,9 @@ def read_shard(path: Path, partial: bool = False) -> tuple[dict[str, Any], list[
 def merge_shards(out_dir: Path, count: int, expected: int, header: dict[str, Any], name: str) -> Path | None:
     """Merge complete shards into ``out_dir/name`` (atomically); ``None`` while any is unfinished.
 
+    The same job's shard files of another count, whose items this count's shards took over, are
+    then removed.
+
     ``expected`` is the total number of items; ``header`` is the merged file's header
     (it must not mention the shard count, so any ``count`` gives the same bytes).
     """
@@ -163,13 +179,22 @@ def merge_shards(out_dir: Path, count: int, expected: int, header: dict[str, Any
         p = shard_path(out_dir, i, count)
         if not p.exists():
             return None
-        records += read_shard(p, partial=True)[1]
+        shard_header, mine = read_shard(p, partial=True)
+        records += mine
     if len(records) < expected:
         return None
     records.sort(key=lambda r: r["index"])
     if [r["index"] for r in records] != list(range(expected)):
         raise ValueError(f"shards in {out_dir} hold duplicate or foreign items; delete them and rerun")
-    return write_records(Path(out_dir) / name, header, records)
+    merged = write_records(Path(out_dir) / name, header, records)
+    # The same job's shards of another count (a killed run resumed on another number of processes)
+    # are superseded: their finished items were taken over, their failed ones retried.
+    superseded = [old for old, _ in _other_counts(p, shard_header)]
+    for old in superseded:
+        old.unlink(missing_ok=True)  # another rank merging at the same time may have removed it
+    if superseded:
+        log.info("removed %d shard files of another shard count, superseded by %s", len(superseded), merged)
+    return merged
 
 
 def write_records(path: Path, header: dict[str, Any], records: list[dict[str, Any]]) -> Path:

@@ -445,6 +445,9 @@ def test_a_resume_on_another_shard_count_predicts_each_sentence_once(workspace, 
                       asked=asked)
     assert 0 < first < sum(asked) == single["n"]  # every sentence predicted once, in all
     assert merged == single
+    # The merge removed the superseded shard of 2 (its sentences are in this count's) and kept this count's.
+    assert sorted(p.name for p in (tmp_path / "two").glob("shard-*")) == [shard_path(tmp_path, i, 3).name
+                                                                       for i in range(3)]
 
     def records(out):
         return [{k: v for k, v in r.items() if k != "timings"} for r in read_shard(out / "predictions.jsonl")[1]]

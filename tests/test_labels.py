@@ -204,7 +204,8 @@ def test_job_is_deterministic_and_shards_merge_to_the_single_process_output(synt
 
 def test_a_resume_on_another_shard_count_labels_each_image_once(synthetic, tmp_path, monkeypatch):
     """Killed on 3 processes (two shards finished, one never started), resumed on 2: only the
-    images of the missing shard are labelled, and the labels are one process's."""
+    images of the missing shard are labelled, the labels are one process's, and the 3 shards'
+    files are removed once merged."""
     import sam4mllm.labels as labels
 
     data = _data_dir(synthetic)
@@ -220,11 +221,15 @@ def test_a_resume_on_another_shard_count_labels_each_image_once(synthetic, tmp_p
     images = len(read_shard(one)[1])
     assert 0 < first < len(labelled) == images  # every image labelled once, in all
     assert merged.read_bytes() == one.read_bytes()
-    # Shards of another configuration (another seed) are not taken for this one's.
+    # The merge removed the superseded files of 3 shards, and kept this count's.
+    assert sorted(p.name for p in (tmp_path / "mixed").glob("shard-*")) == [shard_path(tmp_path, i, 2).name
+                                                                         for i in (0, 1)]
+    # Shards of another configuration (another seed) are neither taken for this one's nor removed.
     generate_labels(_cfg(data, tmp_path / "other", "+exp=ppg", "seed=1", "shard.index=0", "shard.count=3"))
     labelled.clear()
     assert generate_labels(_cfg(data, tmp_path / "other", "+exp=ppg")).read_bytes() == one.read_bytes()
     assert len(labelled) == images
+    assert shard_path(tmp_path / "other", 0, 3).exists()
 
 
 def test_shard_index_comes_from_the_launcher_environment(synthetic, tmp_path, monkeypatch):
