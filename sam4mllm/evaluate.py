@@ -163,7 +163,7 @@ def predict_image(cfg: Any, predictor: Any = None) -> list[dict[str, Any]]:
     path = Path(cfg.image)
     if not path.is_file():
         raise FileNotFoundError(f"no image at {path} (image=<path to a JPEG or PNG>)")
-    image = load_image(path)
+    image = load_image(path, exif_orientation=True)  # a photo as its viewer shows it, and its mask.png with it
     predictor = predictor or build_predictor(cfg)
     folders: list[str] = []
     for text in texts:  # a sentence's words; a repeated sentence gets -2, -3, ...

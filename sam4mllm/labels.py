@@ -184,7 +184,7 @@ def label_image(
     return out, skipped
 
 
-def _header(cfg: Any, data: str) -> dict[str, Any]:
+def _header(cfg: Any, data: str, exif_orientation: bool) -> dict[str, Any]:
     semantic = {
         "data": data,  # the annotation files' hash: labels of an edited dataset are not resumed
         "variant": cfg.variant,
@@ -193,6 +193,9 @@ def _header(cfg: Any, data: str) -> dict[str, Any]:
         "dataset": cfg.dataset.name,
         "split": cfg.split,
         "seed": cfg.seed,
+        # The frame the labels' coordinates are in (SegDataset.exif_orientation), for the trainer; only
+        # where the images are turned, so that the other datasets' label files stay as they were.
+        **({"exif_orientation": True} if exif_orientation else {}),
     }
     digest = hashlib.sha256(json.dumps(semantic, sort_keys=True).encode()).hexdigest()[:16]
     return {"format": LABEL_FORMAT, "version": LABEL_VERSION, "config_hash": digest, **semantic}
@@ -220,7 +223,7 @@ def generate_labels(cfg: Any, segmenter_factory: Callable[[], Segmenter] | None 
             segmenter = segmenter_factory() if segmenter_factory else build(cfg.sam)
         return segmenter
 
-    header = _header(cfg, ds.fingerprint())
+    header = _header(cfg, ds.fingerprint(), ds.exif_orientation)
     index, count = shard_from_env(cfg.shard.index, cfg.shard.count)
     out_dir = Path(cfg.out_dir)
     items = ds.by_image()

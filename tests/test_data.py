@@ -8,6 +8,7 @@ import zlib
 from dataclasses import asdict
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -346,6 +347,31 @@ def test_reasonseg_convention_smaller_shapes_win_and_flag_is_skipped():
     target, ignore = rasterize_shapes([small, flag, big], 12, 12)
     assert ignore[2:5, 2:5].all() and ignore.sum() == 9
     assert target.sum() == 100 - 9 and not target[10:, :].any()
+
+
+def test_reasonseg_reads_its_images_turned_by_their_exif_orientation_as_labelme_drew_on_them(tmp_path):
+    """A photo stored sideways with an EXIF orientation tag: labelme's polygons, and LISA's
+    cv2.imread, are in the turned frame; read in the stored one, the mask would miss the object."""
+    shown = np.zeros((60, 100, 3), np.uint8)
+    shown[20:50, 10:40] = 255  # the object, where the viewer shows it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to show"
+    (tmp_path / "val").mkdir()
+    Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "val/p.jpg", exif=exif, quality=95)
+    square = [[10, 20], [39, 20], [39, 49], [10, 49]]
+    (tmp_path / "val/p.json").write_text(json.dumps({"text": ["the white square"], "is_sentence": False,
+                                                     "shapes": [{"label": "target", "points": square}]}))
+    ds = ReasonSegDataset(tmp_path, "val")
+    sample = ds[0]
+    assert sample.image.shape == shown.shape
+    assert np.abs(sample.image.astype(int) - shown).max() < 16  # JPEG's error only
+    assert np.abs(sample.image.astype(int) - cv2.imread(str(tmp_path / "val/p.jpg"))[..., ::-1]).max() <= 2
+    [mask] = sample.masks
+    assert np.array_equal(mask, shown[..., 0] > 0)
+    # Its outputs (labels, predictions) are not resumed from those of the stored frame's reading.
+    turned = ds.fingerprint()
+    ds.exif_orientation = False
+    assert ds.fingerprint() != turned
 
 
 def test_reasonseg_malformed_json_and_shapes_are_counted(tmp_path, synthetic):

@@ -547,6 +547,28 @@ def test_evaluation_of_a_retrained_checkpoint_does_not_resume_the_old_prediction
         _run(cfg, Oracle())
 
 
+def test_predict_reads_a_photo_as_its_exif_orientation_shows_it(workspace, adapter, tmp_path):
+    """A phone photo stored sideways with an EXIF orientation tag is segmented, and its mask written,
+    the way up a viewer shows it (not in the stored frame, where "left" is another place)."""
+    from sam4mllm.data.base import load_image
+    from sam4mllm.evaluate import predict_image
+
+    shown = np.full((60, 100, 3), 220, np.uint8)
+    shown[10:40, 20:70] = (200, 30, 30)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to show"
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90).save(photo, exif=exif, quality=95, subsampling=0)
+    box = "<|box_start|>(200,150),(700,650)<|box_end|>"
+    cfg = workspace("predict", f"image={photo}", "text='the red box'", f"out_dir={tmp_path / 'out'}")
+    [record] = predict_image(cfg, Scripted(adapter, "pqpp", box, p_yes=lambda n: np.linspace(0, 1, n)))
+    assert np.asarray(Image.open(tmp_path / "out/the-red-box/mask.png")).shape == shown.shape[:2]
+    turned = load_image(photo, exif_orientation=True)
+    assert np.abs(turned.astype(int) - shown).max() < 16  # JPEG's error only
+    alone = Scripted(adapter, "pqpp", box, p_yes=lambda n: np.linspace(0, 1, n)).segment(turned, "the red box")
+    assert record["boxes"] == alone.boxes.tolist() == [[20.0, 9.0, 70.0, 39.0]]
+
+
 def test_predict_writes_one_images_record_mask_and_overlay(workspace, adapter, tmp_path):
     from sam4mllm.evaluate import predict_image
     from sam4mllm.viz import side_by_side

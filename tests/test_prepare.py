@@ -93,3 +93,24 @@ def test_check_images_counts_the_corrupt_the_mis_sized_and_the_malformed_annotat
     assert rows["val"][6] == n_sentences > 0 and rows["train"][6] == 0
     assert val[0].name in caplog.text and "is 7x5 but the annotations say" in caplog.text
     assert "does not match image size" in caplog.text
+
+
+def test_checking_reasonseg_reads_its_images_turned_as_its_loader_does(tmp_path):
+    """A photo stored sideways with an EXIF orientation tag, its polygon where the viewer shows the
+    object: far outside the stored frame (100 high, 20 wide), inside the turned one."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from sam4mllm.data.prepare import _check_split
+    from sam4mllm.data.reasonseg import ReasonSegDataset
+
+    (tmp_path / "val").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to show"
+    Image.fromarray(np.zeros((20, 100, 3), np.uint8)).transpose(Image.Transpose.ROTATE_90).save(
+        tmp_path / "val/p.jpg", exif=exif)
+    (tmp_path / "val/p.json").write_text(json.dumps({"text": ["it"], "is_sentence": False, "shapes": [
+        {"label": "target", "points": [[80, 5], [95, 5], [95, 15], [80, 15]]}]}))
+    assert _check_split(ReasonSegDataset(tmp_path, "val"), "val") == (0, 0)  # (unreadable, malformed)

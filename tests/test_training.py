@@ -179,6 +179,37 @@ def test_sentences_packed_into_one_dialog_train_as_their_dialogs_back_to_back_wi
         label_examples(cfg.data.sources.refcoco.path, "pqpp", sentences_per_dialog=0)
 
 
+def test_labels_of_exif_turned_images_are_trained_on_the_image_turned(workspace, tmp_path):
+    """ReasonSeg's polygons are in the frame of its images turned by their EXIF tag: its label file
+    says so, and the trainer reads the image turned, where the label's box is on the object."""
+    from PIL import Image
+
+    from sam4mllm.data.base import load_image
+    from sam4mllm.labels import generate_labels
+    from sam4mllm.training.data import MixtureDataset, label_examples
+
+    shown = np.zeros((60, 100, 3), np.uint8)
+    shown[20:50, 10:40] = 255
+    folder = tmp_path / "reason_seg/ReasonSeg/train"
+    folder.mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to show"
+    Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90).save(folder / "p.jpg", exif=exif, quality=95)
+    (folder / "p.json").write_text(json.dumps({"text": ["the white square"], "is_sentence": False, "shapes": [
+        {"label": "target", "points": [[10, 20], [39, 20], [39, 49], [10, 49]]}]}))
+    merged = generate_labels(workspace("gen_labels", "+exp=pqpp", "dataset=synthetic_reasonseg", "split=train",
+                                       f"dataset.root={tmp_path}", f"out_dir={tmp_path / 'labels'}", "progress=false",
+                                       "overlays=0"))
+    [ex] = label_examples(merged, "pqpp")
+    assert ex.exif_orientation and ex.targets[0]["box"] == [10, 20, 40, 50]
+    data = MixtureDataset({"l": ([ex], 1.0)}, _adapter(workspace, "qwen2vl"), "pqpp")
+    trained, turned = data[0].inputs["input_ids"], load_image(folder / "p.jpg", exif_orientation=True)
+    assert torch.equal(trained, data.encode(ex, turned).inputs["input_ids"])
+    assert not torch.equal(trained, data.encode(ex, load_image(folder / "p.jpg")).inputs["input_ids"])
+    # The other datasets' label files do not mention it (their bytes as before this option).
+    assert "exif_orientation" not in read_shard(workspace.out / "labels/pqpp/synthetic/train/labels.jsonl")[0]
+
+
 def test_a_dialog_too_long_to_train_is_replaced_by_the_next_that_fits(workspace, synthetic):
     from sam4mllm.training.data import Example, MixtureDataset
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sam4mllm.coords import Size, mask_to_box
 from sam4mllm.data.errors import UNREADABLE, CorruptImageError, MalformedSampleError
@@ -66,14 +66,21 @@ def boxes_of(masks: Sequence[np.ndarray]) -> np.ndarray:
     return np.array([mask_to_box(m) for m in masks], dtype=np.float64).reshape(-1, 4)
 
 
-def load_image(path: Path, size: tuple[int, int] | None = None, sized_by: str = "the annotations say") -> np.ndarray:
+def load_image(path: Path, size: tuple[int, int] | None = None, sized_by: str = "the annotations say",
+               exif_orientation: bool = False) -> np.ndarray:
     """Read an image as ``HxWx3`` uint8 RGB; a corrupt file raises :class:`CorruptImageError`, and
-    one of another ``(H, W)`` than ``size`` (``sized_by``: who says so) :class:`MalformedSampleError`."""
+    one of another ``(H, W)`` than ``size`` (``sized_by``: who says so) :class:`MalformedSampleError`.
+
+    ``exif_orientation``: turn the pixels as the file's EXIF orientation tag says, as image viewers,
+    labelme (ReasonSeg's annotation tool) and ``cv2.imread`` (its official loader) do. Off, the stored
+    pixel frame is kept: the one whose size COCO's ``instances.json`` records and is checked against.
+    """
     if not path.exists():
         raise FileNotFoundError(f"image {path} is missing (referenced by the annotations)")
     try:
         with Image.open(path) as im:
-            image = np.array(im.convert("RGB"))  # a writable copy: torch warns on read-only arrays
+            turned = ImageOps.exif_transpose(im) if exif_orientation else im
+            image = np.array(turned.convert("RGB"))  # a writable copy: torch warns on read-only arrays
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
         # A header claiming billions of pixels is refused by PIL before it allocates them.
         raise CorruptImageError(f"cannot decode image {path}: {err}") from err
@@ -93,6 +100,9 @@ class SegDataset(Sequence[Sample]):
 
     name: str = ""
     split: str = ""
+    # Whether the annotations are in the frame of the images turned by their EXIF orientation
+    # (load_image's exif_orientation); label files record it for the trainer to read them the same way.
+    exif_orientation: bool = False
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
@@ -146,12 +156,14 @@ class SegDataset(Sequence[Sample]):
         return sorted({Path(r["image_path"]) for r in self.records})
 
     def fingerprint(self) -> str:
-        """Hash of the split name and the annotation files' bytes.
+        """Hash of the split name, the annotation files' bytes and the frame the images are read in.
 
         Outputs derived from a split (labels, predictions) store it, so that a regenerated or edited
         dataset is not silently paired with outputs of the old one.
         """
         h = hashlib.sha256(f"{self.name}/{self.split}".encode())
+        if self.exif_orientation:  # read in another frame than before the option: outputs of the old one differ
+            h.update(b"exif_orientation")
         for path in self.sources:
             h.update(path.name.encode())
             with open(path, "rb") as f:

@@ -61,7 +61,8 @@ def _check_split(ds: Any, name: str) -> tuple[int, int]:
     for path in tqdm([p for p in by_image if p.exists()], desc=f"checking {name}", unit="img"):
         records = by_image[path]
         try:
-            image = load_image(path, (records[0]["height"], records[0]["width"]) if "height" in records[0] else None)
+            image = load_image(path, (records[0]["height"], records[0]["width"]) if "height" in records[0] else None,
+                               exif_orientation=ds.exif_orientation)  # the frame ds.load reads it in
         except (CorruptImageError, MalformedSampleError) as err:
             log.warning("%s", err)
             unreadable += 1

@@ -73,6 +73,8 @@ class ReasonSegDataset(SegDataset):
         all_texts: one sample per text instead of the first text only.
     """
 
+    exif_orientation = True  # labelme drew the polygons on the turned image (as LISA's cv2.imread reads it)
+
     def __init__(self, root: str | Path, split: str, all_texts: bool = False, dataset: str = "reasonseg") -> None:
         super().__init__()
         self.name, self.split = dataset, split
@@ -109,7 +111,7 @@ class ReasonSegDataset(SegDataset):
             raise ValueError(f"{folder} holds no <name>.json annotations")
 
     def load(self, record: dict[str, Any], image: np.ndarray | None = None) -> Sample:
-        image = load_image(record["image_path"]) if image is None else image
+        image = load_image(record["image_path"], exif_orientation=self.exif_orientation) if image is None else image
         h, w = image.shape[:2]
         shapes = json.loads(Path(record["json_path"]).read_text())["shapes"]
         try:

@@ -39,6 +39,11 @@ class Example:
     targets: list[dict[str, Any]] | None = None
     answer: str | None = None
     more: tuple[Example, ...] = ()  # further sentences about the same image, asked after this one
+    exif_orientation: bool = False  # the labels' frame: the image turned by its EXIF tag (ReasonSeg's)
+
+    def image(self) -> np.ndarray:
+        """The example's image, in the frame its labels are in."""
+        return load_image(self.image_path, exif_orientation=self.exif_orientation)
 
 
 def label_examples(path: str | Path, variant: str, source: str = "<source>",
@@ -66,10 +71,11 @@ def label_examples(path: str | Path, variant: str, source: str = "<source>",
         raise ValueError(f"{path} holds {header.get('variant')} labels but this run trains {variant}")
     if sentences_per_dialog < 1:
         raise ValueError(f"sentences_per_dialog={sentences_per_dialog}: use 1 (one sentence per dialog) or more")
+    turned = bool(header.get("exif_orientation"))
     out = []
     for r in records:
-        sentences = [Example(Path(r["image_path"]), "seg", s["expression"], s["task"], s["targets"])
-                     for s in r["samples"]]
+        sentences = [Example(Path(r["image_path"]), "seg", s["expression"], s["task"], s["targets"],
+                             exif_orientation=turned) for s in r["samples"]]
         for k in range(0, len(sentences), sentences_per_dialog):
             first, *more = sentences[k:k + sentences_per_dialog]
             out.append(dataclasses.replace(first, more=tuple(more)))
@@ -78,6 +84,8 @@ def label_examples(path: str | Path, variant: str, source: str = "<source>",
 
 def _fingerprint_row(e: Example) -> list[Any]:
     row = [str(e.image_path), e.kind, e.expression, e.task, e.targets, e.answer]
+    if e.exif_orientation:  # only then, so that the other runs keep the fingerprints they resume from
+        row.append("exif_orientation")
     # Packed sentences only extend the row, so unpacked runs keep the fingerprints they resume from.
     return [*row, [_fingerprint_row(m) for m in e.more]] if e.more else row
 
@@ -162,7 +170,7 @@ class MixtureDataset(torch.utils.data.Dataset):
                 continue
             ex = self.sources[name][0][j]
             try:
-                enc = self.encode(ex, load_image(ex.image_path))
+                enc = self.encode(ex, ex.image())
             except SampleTooLongError:
                 self._set_unusable(name, j, "too_long")
                 continue

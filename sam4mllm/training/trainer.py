@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 
 from sam4mllm.atomic import write_atomic
 from sam4mllm.config import build
-from sam4mllm.data.base import load_image
 from sam4mllm.data.errors import UNREADABLE
 from sam4mllm.device import resolve_device
 from sam4mllm.models.adapter import IGNORE_INDEX, SampleTooLongError
@@ -385,7 +384,7 @@ class Trainer:
     def _encode_val(self, ex: Example) -> Any:
         """A validation example's training dialog, or ``None`` if it cannot be trained on."""
         try:
-            return self.data.encode(ex, load_image(ex.image_path))
+            return self.data.encode(ex, ex.image())
         except (SampleTooLongError, *UNREADABLE):
             return None
 
