@@ -131,20 +131,26 @@ class ShardWriter:
 _SHARD_FIELDS = ("shard", "num_shards")
 
 
-def _other_counts(path: Path, header: dict[str, Any]) -> Iterator[tuple[Path, list[dict[str, Any]]]]:
-    """``(file, records)`` of the shards beside shard ``path`` of another shard count whose header
-    equals ``header`` but for the shard fields: the same job, run on another number of processes."""
+def _other_counts(path: Path, header: dict[str, Any]) -> Iterator[Path]:
+    """The shards beside shard ``path`` of another shard count whose header equals ``header`` but
+    for the shard fields: the same job, run on another number of processes. Only their header
+    lines are read (the merge removes them unread)."""
     job = {k: v for k, v in header.items() if k not in _SHARD_FIELDS}
     count = path.name[path.name.index("-of-"):]  # this count's shards hold other items than this one's
     for other in sorted(path.parent.glob("shard-*-of-*.jsonl")):
         if other.name.endswith(count):
             continue
         try:
-            theirs, records = read_shard(other, partial=True)
+            with open(other, "rb") as f:
+                first = f.readline()
         except FileNotFoundError:  # removed meanwhile by another rank's merge (below)
             continue
+        try:
+            theirs = json.loads(first)["header"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{other} has no header line") from None
         if {k: v for k, v in theirs.items() if k not in _SHARD_FIELDS} == job:
-            yield other, records
+            yield other
 
 
 def _finished_elsewhere(path: Path, header: dict[str, Any], wanted: set[str]) -> list[dict[str, Any]]:
@@ -152,7 +158,8 @@ def _finished_elsewhere(path: Path, header: dict[str, Any], wanted: set[str]) ->
     if not wanted:
         return []
     found: dict[str, dict[str, Any]] = {}
-    for _, records in _other_counts(path, header):
+    for other in _other_counts(path, header):
+        records = read_shard(other, partial=True)[1]
         found.update((r["key"], r) for r in records if r["key"] in wanted and "error" not in r)
     return list(found.values())
 
@@ -189,7 +196,7 @@ def merge_shards(out_dir: Path, count: int, expected: int, header: dict[str, Any
     merged = write_records(Path(out_dir) / name, header, records)
     # The same job's shards of another count (a killed run resumed on another number of processes)
     # are superseded: their finished items were taken over, their failed ones retried.
-    superseded = [old for old, _ in _other_counts(p, shard_header)]
+    superseded = list(_other_counts(p, shard_header))
     for old in superseded:
         old.unlink(missing_ok=True)  # another rank merging at the same time may have removed it
     if superseded:
