@@ -12,6 +12,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@# The venv takes about 6 GB (torch's CUDA build): say so before pip fails half-way on a full disk.
 	@$(PYTHON) -c "import shutil; f = shutil.disk_usage('.').free / 2**30; f < 7 and print(f'warning: {f:.1f} GB free here; installing .venv takes about 6 GB')"
+	@# transformers 5.24 needs Python 3.11 (Ubuntu 22.04's python3 is 3.10): refuse before making a venv of it.
+	@py=$(PY); test -x $$py || py=$(PYTHON); $$py -c "import sys; sys.version_info >= (3, 11) or sys.exit('$$py is Python ' + sys.version.split()[0] + ': sam4mllm needs 3.11 or newer; run make with PYTHON=python3.11 (or newer)' + (', after rm -rf $(VENV)' if '$$py' == '$(PY)' else ''))"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
